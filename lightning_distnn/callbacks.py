@@ -1,0 +1,74 @@
+"""Callbacks that measure a run: throughput and parameters per rank, gathered for the summary."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+
+from lightning_distnn.models.networks import count_parameters
+
+
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (a one-element list without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class RunStats(pl.Callback):
+    """Training images/s over all ranks (after ``warmup_steps``) and parameters held per rank.
+
+    The global batch of a step is counted once per data-parallel replica: the strategy's
+    ``distributed_sampler_kwargs['num_replicas']`` replicas each process ``batch_size`` samples.
+    """
+
+    def __init__(self, warmup_steps: int = 2) -> None:
+        self.warmup_steps = warmup_steps
+        self.images = 0
+        self.start: Optional[float] = None
+        self.elapsed = 0.0
+        self.stats: dict[str, Any] = {}
+
+    @staticmethod
+    def _replicas(trainer: pl.Trainer) -> int:
+        kwargs = trainer.strategy.distributed_sampler_kwargs or {}
+        return int(kwargs.get("num_replicas", 1))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup_steps and self.start is None:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.start is not None:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            self.images += int(x.shape[0]) * self._replicas(trainer)
+            self.elapsed = time.perf_counter() - self.start
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        ips = self.images / self.elapsed if self.elapsed > 0 else float("nan")
+        params = gather_object(count_parameters(pl_module))
+        self.stats = {"images_per_s": ips, "params_per_rank": params, "world_size": trainer.world_size}
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"perf/images_per_s": ips}, step=trainer.global_step)
+
+
+def format_table(rows: list[dict[str, Any]], columns: Optional[list[str]] = None) -> str:
+    """A GitHub-markdown table of ``rows`` (floats with 4 significant digits)."""
+    columns = columns or list(rows[0])
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, torch.Tensor):
+            return fmt(v.item())
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
