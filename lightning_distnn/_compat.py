@@ -1,0 +1,1 @@
+"""The one place for unavoidable private torch / Lightning imports (version differences live here)."""
