@@ -54,6 +54,11 @@ class RunStats(pl.Callback):
         ips = self.images / self.elapsed if self.elapsed > 0 else float("nan")
         params = gather_object(count_parameters(pl_module))
         self.stats = {"images_per_s": ips, "params_per_rank": params, "world_size": trainer.world_size}
+        # optional reports of the strategies: bytes per step, pipeline bubble
+        for key, method in (("comm_bytes_per_step", "comm_bytes_per_step"), ("pipeline_bubble", "pipeline_bubble")):
+            report = getattr(trainer.strategy, method, None)
+            if callable(report):
+                self.stats[key] = gather_object(report())
         if trainer.logger is not None:
             trainer.logger.log_metrics({"perf/images_per_s": ips}, step=trainer.global_step)
 

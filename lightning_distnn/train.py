@@ -68,6 +68,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "images/s": metrics.get("images_per_s", float("nan")),
             "params/rank": ", ".join(str(p) for p in metrics.get("params_per_rank", [])),
         }
+        if "comm_bytes_per_step" in metrics:
+            sent = [r.get("sent", 0.0) for r in metrics["comm_bytes_per_step"]]
+            summary["bytes sent/step (max rank)"] = max(sent)
+        if "pipeline_bubble" in metrics:
+            bubble = metrics["pipeline_bubble"][0]
+            summary["bubble (measured / theory)"] = f"{bubble.get('measured', float('nan')):.3f} / {bubble.get('theory', float('nan')):.3f}"
         print("\n" + format_table([summary]) + "\n")
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))

@@ -22,7 +22,7 @@ class ImageClassifier(pl.LightningModule):
         net: the network, e.g. :class:`~lightning_distnn.models.CaseStudyCNN`.
         optimizer: a partial that takes the parameters (Hydra: ``_partial_: true``); built in
             ``configure_optimizers``, i.e. after the strategy has distributed the model.
-            Default: SGD, lr 0.05, momentum 0.9.
+            Default: SGD, lr 0.01, momentum 0.9.
         scheduler: optional partial that takes the optimizer.
         num_classes: classes for the accuracy metrics.
     """
@@ -37,7 +37,7 @@ class ImageClassifier(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net
-        self.optimizer_factory = optimizer or partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+        self.optimizer_factory = optimizer or partial(torch.optim.SGD, lr=0.01, momentum=0.9)
         self.scheduler_factory = scheduler
         self.criterion = nn.CrossEntropyLoss()
         self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
