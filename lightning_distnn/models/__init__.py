@@ -2,7 +2,8 @@
 
 from lightning_distnn.models.classifier import ImageClassifier
 from lightning_distnn.models.networks import CaseStudyCNN, SeedNet, count_parameters
+from lightning_distnn.models.split import SplitClassifier
 
 MODELS = {"case_study_cnn": CaseStudyCNN, "seed_net": SeedNet}
 
-__all__ = ["CaseStudyCNN", "SeedNet", "ImageClassifier", "count_parameters", "MODELS"]
+__all__ = ["CaseStudyCNN", "SeedNet", "ImageClassifier", "SplitClassifier", "count_parameters", "MODELS"]

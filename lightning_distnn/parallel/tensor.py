@@ -463,7 +463,9 @@ def plan_tp(module: nn.Module, tp: int, *, plan: Optional[Mapping[str, str]] = N
                 if not shardable:
                     style = "replicate"
                 elif state == REPLICATE:
-                    style = "colwise" if out_size % tp == 0 else "replicate"
+                    # a column-wise layer needs a row-wise partner after it, else its output must be gathered
+                    later = any(isinstance(m, (nn.Conv2d, nn.Linear)) for _, m in leaves[idx + 1 :])
+                    style = "colwise" if out_size % tp == 0 and later else "replicate"
                 else:
                     style = "rowwise"
             else:

@@ -3,8 +3,10 @@
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_distnn.strategies.data_parallel import DataParallelStrategy
+from lightning_distnn.strategies.feature_parallel import FeatureParallelStrategy
+from lightning_distnn.strategies.tensor_parallel import TensorParallelStrategy
 
-STRATEGIES = [DataParallelStrategy]
+STRATEGIES = [DataParallelStrategy, TensorParallelStrategy, FeatureParallelStrategy]
 
 for _strategy in STRATEGIES:
     _strategy.register_strategies(StrategyRegistry)
@@ -27,4 +29,4 @@ def get_strategy(name: str, **kwargs):
     return by_name[name](**kwargs)
 
 
-__all__ = ["DataParallelStrategy", "STRATEGIES", "get_strategy", "registered_names"]
+__all__ = ["FeatureParallelStrategy", "DataParallelStrategy", "TensorParallelStrategy", "STRATEGIES", "get_strategy", "registered_names"]
