@@ -20,6 +20,8 @@ simply not read.
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -54,6 +56,14 @@ def _barrier(process_group=None) -> None:
         dist.barrier(group=process_group)
 
 
+@contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes one process when torch.distributed is not initialised: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def is_distributed_checkpoint(path: Union[str, os.PathLike]) -> bool:
     """Whether ``path`` is a directory written by :func:`save_distributed` (has DCP's ``.metadata``)."""
     path = Path(path)
@@ -85,7 +95,8 @@ def save_distributed(
     state: dict[str, Any] = {MODEL_KEY: get_model_state_dict(module, options=options)}
     for i, optimizer in enumerate(optimizers):
         state[_optim_key(i)] = get_optimizer_state_dict(module, optimizer, options=options)
-    dcp.save(state, checkpoint_id=str(path), process_group=process_group)
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(path), process_group=process_group)
     if _rank() == 0:
         meta = dict(extra or {})
         meta["_distnn_optimizers"] = len(optimizers)
@@ -127,15 +138,19 @@ def load_distributed(
     for i, optimizer in enumerate(optimizers):
         state[_optim_key(i)] = get_optimizer_state_dict(module, optimizer, options=options)
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    if strict:
-        saved = {key.split(".", 1)[1] for key in metadata.state_data_meta if key.startswith(MODEL_KEY + ".")}
-        missing = sorted(k for k in state[MODEL_KEY] if k not in saved)
-        if missing:
+    saved = {key.split(".", 1)[1] for key in metadata.state_dict_metadata if key.startswith(MODEL_KEY + ".")}
+    missing = sorted(k for k in state[MODEL_KEY] if k not in saved)
+    if missing:
+        if not strict:
+            for key in missing:
+                state[MODEL_KEY].pop(key)
+        else:
             raise KeyError(
                 f"{path} lacks {len(missing)} tensors of this model (first: {missing[:3]}): it was saved from "
                 "another model, or pass strict=False to load the rest."
             )
-    dcp.load(state, checkpoint_id=str(path), process_group=process_group)
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path), process_group=process_group)
     set_model_state_dict(module, state[MODEL_KEY], options=options)
     for i, optimizer in enumerate(optimizers):
         set_optimizer_state_dict(module, optimizer, state[_optim_key(i)], options=options)

@@ -177,3 +177,22 @@ def test_comm_bytes_analytic_formula():
     # first colwise: no input gradient; row: 2*(1/2)*32*4; col: 2*(1/2)*32*4 (input grad); row: 2*(1/2)*16*4
     assert comm_bytes(plan, numel) == {"sent": 128 + 128 + 64, "received": 128 + 128 + 64}
     assert comm_bytes(plan_tp(net, 1), numel) == {"sent": 0, "received": 0}
+
+
+def _dp_tp_worker(rank, world_size):
+    module = tiny_classifier(seed=0, **WIDTH)
+    x, y = digits_tensors(STEPS * GLOBAL_BATCH)
+    strategy = TensorParallelStrategy(tp=2, timeout=60)
+    trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS)
+    trainer.fit(module, datamodule=FixedDataModule(x, y, GLOBAL_BATCH // (world_size // 2)))
+    return {"state": _full_state(module.net), "dims": strategy.parallel_dims.degrees}
+
+
+@pytest.mark.slow
+def test_dp2_x_tp2_matches_single_process():
+    results = run_distributed(_dp_tp_worker, 4, timeout=400)
+    x, y = digits_tensors(STEPS * GLOBAL_BATCH)
+    expected = reference_train(tiny_classifier(seed=0, **WIDTH), x, y, GLOBAL_BATCH, STEPS)
+    for r in results:
+        assert r["dims"] == {"dp": 2, "pp": 1, "tp": 2}
+        assert_state_dicts_close(r["state"], expected, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -25,7 +26,9 @@ class SplitClassifier(ImageClassifier):
         sample_shape: shape of one sample, e.g. ``(3, 32, 32)``, or ``(F,)`` for tabular data.
         width, embed_dim, top_width: channels of the conv bottoms, width of each bottom's output,
             hidden width of the top MLP.
-        optimizer, scheduler, num_classes: as for :class:`ImageClassifier`.
+        optimizer: a partial that takes the parameters; default Adam, lr 5e-3 (the small split
+            networks reach 95% on digits in 3 epochs with it; SGD 0.01 needs many more).
+        scheduler, num_classes: as for :class:`ImageClassifier`.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class SplitClassifier(ImageClassifier):
                 f"SplitClassifier needs a SplitNet (bottoms + top + feature plan), got {type(net).__name__}; "
                 "build one with lightning_distnn.parallel.feature.build_split_net(plan)."
             )
+        optimizer = optimizer or partial(torch.optim.Adam, lr=5e-3)
         super().__init__(net, optimizer=optimizer, scheduler=scheduler, num_classes=num_classes)
 
     @property

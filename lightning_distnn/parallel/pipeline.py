@@ -286,6 +286,29 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32]
+
+
+def _send_tensor(t: torch.Tensor, group_dst: int, group: dist.ProcessGroup) -> None:
+    if t.dim() > 8:
+        raise ValueError(f"stage outputs of more than 8 dims are not supported in evaluation, got {t.dim()}.")
+    header = torch.zeros(10, dtype=torch.int64)
+    header[0], header[1] = t.dim(), _DTYPES.index(t.dtype)
+    header[2 : 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    dist.send(header.to(t.device), group=group, group_dst=group_dst)
+    dist.send(t.contiguous(), group=group, group_dst=group_dst)
+
+
+def _recv_tensor(group_src: int, group: dist.ProcessGroup, device: torch.device) -> torch.Tensor:
+    header = torch.zeros(10, dtype=torch.int64, device=device)
+    dist.recv(header, group=group, group_src=group_src)
+    header = header.cpu()
+    shape = [int(d) for d in header[2 : 2 + int(header[0])]]
+    out = torch.empty(shape, dtype=_DTYPES[int(header[1])], device=device)
+    dist.recv(out, group=group, group_src=group_src)
+    return out
+
+
 def stage_module(net: nn.Sequential, layers: list[int]) -> nn.Sequential:
     """The layers of one stage as an ``nn.Sequential`` that keeps their original indices as names."""
     return nn.Sequential(OrderedDict((str(i), net[i]) for i in layers))
@@ -337,12 +360,22 @@ class Pipeline:
         self._io_bytes: dict[int, tuple[int, int]] = {}
         for index, module in zip(stage_indices, modules):
             module.register_forward_hook(self._io_hook(index))
-        self.stages = self._make_stages()
-        self.schedule = self._make_schedule(self.stages, self._scaled_loss)
-        self._eval: Optional[tuple[list[PipelineStage], Any]] = None
+        # torch infers the p2p buffer shapes at a stage's first step: one set of stages and schedule
+        # per (mode, micro-batch size), so a short last batch or an eval batch gets its own
+        self._runners: dict[tuple[str, int], tuple[list[PipelineStage], Any]] = {}
         self.last_losses: list[torch.Tensor] = []
 
     # ---- construction -------------------------------------------------------------------
+    def _runner(self, mode: str, micro_size: int) -> tuple[list[PipelineStage], Any]:
+        key = (mode, micro_size)
+        if key not in self._runners:
+            stages = self._make_stages()
+            if mode == "train" and self.record_timeline:
+                for stage in stages:
+                    _record_tasks(stage, self.timeline)
+            self._runners[key] = (stages, self._make_schedule(stages, self._scaled_loss if mode == "train" else None))
+        return self._runners[key]
+
     def _make_stages(self) -> list[PipelineStage]:
         return [
             PipelineStage(module, index, self.num_stages, self.device, group=self.group)
@@ -377,20 +410,16 @@ class Pipeline:
     def train_step(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Forward + backward of every micro-batch; gradients accumulate into the stage parameters.
 
-        ``x`` is needed on the rank holding the first stage, ``y`` on the rank holding the last
-        (passing both everywhere is fine). Gradients are averaged over ``dp_group`` afterwards.
+        ``x`` is needed on the rank holding the first stage, ``y`` on the rank holding the last;
+        pass both on every rank (the batch size is checked everywhere before any communication). Gradients are averaged over ``dp_group`` afterwards.
         """
         reference = x if x is not None else y
-        if reference is not None:
-            self._check(reference.shape[0], "the training batch")
+        self._check(reference.shape[0], "the training batch")
+        _, schedule = self._runner("train", reference.shape[0] // self.microbatches)
         if self.record_timeline:
-            for stage in self.stages:
-                if not getattr(stage, "_distnn_timed", False):
-                    _record_tasks(stage, self.timeline)
-                    stage._distnn_timed = True
             self.timeline.begin_step()
         losses: list[torch.Tensor] = []
-        output = self.schedule.step(
+        output = schedule.step(
             *((x,) if self.is_first else ()),
             target=y if self.is_last else None,
             losses=losses,
@@ -422,16 +451,55 @@ class Pipeline:
         Runs separate forward-only stages over the same modules, so evaluation never disturbs the
         training schedule's state. Returns the output on the last stage's rank, else ``None``.
         """
-        if self._eval is None:
-            stages = self._make_stages()
-            self._eval = (stages, self._make_schedule(stages, None))
-        stages, schedule = self._eval
         pad = (-batch_size) % self.microbatches
         if self.is_first and x is not None and pad:
             x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
-        output = schedule.eval(*((x,) if self.is_first else ()))
+        if self.schedule_name in V_SHAPED:
+            # torch's V-schedule runtime runs its backward actions even in eval mode and fails:
+            # evaluate by sending each micro-batch's activations stage to stage instead
+            output = self._forward_p2p(x)
+        else:
+            _, schedule = self._runner("eval", (batch_size + pad) // self.microbatches)
+            output = schedule.eval(*((x,) if self.is_first else ()))
         if output is not None and pad:
             output = output[:batch_size]
+        return output
+
+    def _forward_p2p(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Forward-only pass: micro-batch by micro-batch, stage by stage, activations sent point to point."""
+        ranks = self.plan.stage_ranks
+        local = dict(zip(self.stage_indices, self.modules))
+        chunks = list(x.chunk(self.microbatches)) if self.is_first and x is not None else [None] * self.microbatches
+        outputs = []
+        for chunk in chunks:
+            act = chunk
+            for s in range(self.num_stages):
+                if ranks[s] != self.pp_rank:
+                    continue
+                if s > 0 and ranks[s - 1] != self.pp_rank:
+                    act = _recv_tensor(ranks[s - 1], self.group, self.device)
+                act = local[s](act)
+                if s < self.num_stages - 1 and ranks[s + 1] != self.pp_rank:
+                    _send_tensor(act, ranks[s + 1], self.group)
+            if self.is_last:
+                outputs.append(act)
+        return torch.cat(outputs) if self.is_last else None
+
+    def broadcast_output(self, output: Optional[torch.Tensor]) -> torch.Tensor:
+        """The last stage's output on every rank of the pp group (broadcast from its rank)."""
+        if self.pp_size == 1:
+            return output
+        header = torch.zeros(10, dtype=torch.int64, device=self.device)
+        if self.pp_rank == self.last_rank:
+            header[0], header[1] = output.dim(), _DTYPES.index(output.dtype)
+            header[2 : 2 + output.dim()] = torch.tensor(output.shape, dtype=torch.int64)
+        dist.broadcast(header, group=self.group, group_src=self.last_rank)
+        header = header.cpu()
+        if self.pp_rank != self.last_rank:
+            shape = [int(d) for d in header[2 : 2 + int(header[0])]]
+            output = torch.empty(shape, dtype=_DTYPES[int(header[1])], device=self.device)
+        output = output.detach().contiguous()
+        dist.broadcast(output, group=self.group, group_src=self.last_rank)
         return output
 
     # ---- accounting ---------------------------------------------------------------------
@@ -471,6 +539,29 @@ class Pipeline:
         measured = sum(values) / len(values) if values else math.nan
         theory = theoretical_bubble(self.schedule_name, self.pp_size, self.microbatches, self.stages_per_rank)
         return {"measured": measured, "theory": theory}
+
+
+def clip_grad_norm_across(
+    parameters: list[torch.Tensor], max_norm: float, *, group: Optional[dist.ProcessGroup]
+) -> torch.Tensor:
+    """``clip_grad_norm_`` (2-norm) with the norm taken over the parameters of every rank in ``group``.
+
+    Each pipeline rank holds different parameters: the squared local norms are summed over the
+    group, so every stage scales by the same ``max_norm / (total_norm + 1e-6)`` (capped at 1),
+    as one process clipping the whole model would.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    squared = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        squared += g.detach().float().pow(2).sum()
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(squared, group=group)
+    total = squared.sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.detach().mul_(coef.to(g.dtype))
+    return total
 
 
 def apply_pipeline(

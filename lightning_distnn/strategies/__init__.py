@@ -2,11 +2,12 @@
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_distnn.strategies.data_parallel import DataParallelStrategy
+from lightning_distnn.strategies.data_parallel import DataParallelStrategy, LocalSGDStrategy, ParameterServerStrategy
+from lightning_distnn.strategies.pipeline import PipelineStrategy
 from lightning_distnn.strategies.feature_parallel import FeatureParallelStrategy
 from lightning_distnn.strategies.tensor_parallel import TensorParallelStrategy
 
-STRATEGIES = [DataParallelStrategy, TensorParallelStrategy, FeatureParallelStrategy]
+STRATEGIES = [DataParallelStrategy, TensorParallelStrategy, FeatureParallelStrategy, PipelineStrategy, ParameterServerStrategy, LocalSGDStrategy]
 
 for _strategy in STRATEGIES:
     _strategy.register_strategies(StrategyRegistry)
@@ -29,4 +30,4 @@ def get_strategy(name: str, **kwargs):
     return by_name[name](**kwargs)
 
 
-__all__ = ["FeatureParallelStrategy", "DataParallelStrategy", "TensorParallelStrategy", "STRATEGIES", "get_strategy", "registered_names"]
+__all__ = ["PipelineStrategy", "FeatureParallelStrategy", "DataParallelStrategy", "TensorParallelStrategy", "STRATEGIES", "get_strategy", "registered_names", "ParameterServerStrategy", "LocalSGDStrategy"]

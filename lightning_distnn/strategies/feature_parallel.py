@@ -45,6 +45,16 @@ def split_net_of(module: pl.LightningModule) -> SplitNet:
     return net
 
 
+_RANK_STATES = "feature_parallel_rank_states"
+
+
+def _prefix_of(module, child) -> str:
+    for name, sub in module.named_modules():
+        if sub is child:
+            return f"{name}." if name else ""
+    raise ValueError("the SplitNet is not part of the LightningModule")
+
+
 class FeatureParallelStrategy(DDPStrategy):
     """Vertical data distribution over ``devices x num_nodes`` processes, one feature slice per process.
 
@@ -70,9 +80,8 @@ class FeatureParallelStrategy(DDPStrategy):
         self.sync_top = bool(sync_top)
         self.slice_inputs = bool(slice_inputs)
 
-    @override
-    def connect(self, model: pl.LightningModule) -> None:
-        # runs before any collective: a plan that does not fit the processes fails here, on every rank alike
+    def check_model(self, model: pl.LightningModule) -> None:
+        """Raise if ``model`` cannot run feature-parallel on this many processes (no collective involved)."""
         net = split_net_of(model)
         processes = world_size_of(self)
         if net.plan.parts != processes:
@@ -81,6 +90,23 @@ class FeatureParallelStrategy(DDPStrategy):
                 f"{processes} processes (devices x num_nodes): one slice per process. Set Trainer(devices="
                 f"{net.plan.parts}) or build the model with parts={processes}."
             )
+
+    @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        # check the model in the launching process, before any child exists (the launcher gets it first)
+        launch = self._launcher.launch
+
+        def checked_launch(function, *args, **kwargs):
+            if args and isinstance(args[0], pl.LightningModule):
+                self.check_model(args[0])
+            return launch(function, *args, **kwargs)
+
+        self._launcher.launch = checked_launch
+
+    @override
+    def connect(self, model: pl.LightningModule) -> None:
+        self.check_model(model)  # again on every rank (torchrun / SLURM start the ranks themselves)
         super().connect(model)
 
     @property
@@ -145,6 +171,50 @@ class FeatureParallelStrategy(DDPStrategy):
         if dataloader.num_workers > 0:
             options["prefetch_factor"] = dataloader.prefetch_factor
         return DataLoader(FeatureSliceDataset(dataset, net.plan[net.rank]), **options)
+
+    # -- checkpoints: every rank's bottom (and optimizer state) goes into the one file rank 0 writes
+    def _gather(self, obj: Any) -> list[Any]:
+        if not (dist.is_initialized() and self.world_size > 1):
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        state = self.lightning_module.state_dict()
+        net = self.split_net
+        if net.rank is None:
+            return state
+        prefix = f"{_prefix_of(self.lightning_module, net)}bottoms."
+        mine = {k: v.detach().cpu() for k, v in state.items() if k.startswith(f"{prefix}{net.rank}.")}
+        for part in self._gather(mine):
+            state.update(part)
+        return state
+
+    @override
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        net = self.split_net
+        state = checkpoint["state_dict"]
+        if net.rank is not None:
+            prefix = f"{_prefix_of(self.lightning_module, net)}bottoms."
+            state = {
+                k: v for k, v in state.items() if not k.startswith(prefix) or k.startswith(f"{prefix}{net.rank}.")
+            }
+        self.lightning_module.load_state_dict(state, strict=strict)
+
+    @override
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        # ranks optimise different bottoms: keep every rank's state, each rank loads its own
+        return {_RANK_STATES: self._gather(optimizer.state_dict())}
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        states = [
+            s[_RANK_STATES][self.global_rank] if isinstance(s, dict) and _RANK_STATES in s else s
+            for s in checkpoint["optimizer_states"]
+        ]
+        super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
 
     @classmethod
     @override

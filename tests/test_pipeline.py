@@ -1,0 +1,279 @@
+"""PipelineStrategy: every schedule equals one process; logging, clipping, eval, checkpoints; bad input."""
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+import lightning_distnn  # noqa: F401
+from lightning_distnn.models import ImageClassifier
+from lightning_distnn.parallel.pipeline import (
+    SCHEDULES,
+    check_microbatches,
+    local_stage_indices,
+    schedule_class,
+    stage_ranks,
+    theoretical_bubble,
+)
+from lightning_distnn.strategies import PipelineStrategy
+from lightning_distnn.testing import assert_state_dicts_close, run_distributed
+from lightning_distnn.testing.equivalence import (
+    FixedDataModule,
+    digits_tensors,
+    quiet_trainer,
+    reference_train,
+    sampler_order,
+    tiny_classifier,
+)
+
+STEPS, GLOBAL_BATCH, MICRO = 3, 16, 4
+# (schedule, partition, gradient_clip_val): every schedule, 2 ranks, 2 stages per rank for looped/V ones
+CASES = [
+    ("gpipe", "uniform", None),
+    ("1f1b", "balanced", None),
+    ("interleaved_1f1b", "uniform", None),
+    ("looped_bfs", [1, 3, 2, 2], None),
+    ("interleaved_zero_bubble", "uniform", None),
+    ("zbv_zero_bubble", "uniform", None),
+    ("dualpipev", "uniform", None),
+    ("1f1b", [3, 5], 0.05),
+]
+
+
+def _local_net_state(module):
+    return {k: v.detach().cpu().clone() for k, v in module.net.state_dict().items()}
+
+
+def _train_every_schedule(rank, world_size, cases, ckpt_path):
+    x, y = digits_tensors(STEPS * GLOBAL_BATCH + GLOBAL_BATCH)
+    results = {}
+    for i, (schedule, partition, clip) in enumerate(cases):
+        module = tiny_classifier(seed=0)
+        strategy = PipelineStrategy(schedule=schedule, microbatches=MICRO, partition=partition, timeout=60)
+        trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS, gradient_clip_val=clip)
+        trainer.fit(module, datamodule=FixedDataModule(x[: STEPS * GLOBAL_BATCH], y[: STEPS * GLOBAL_BATCH], GLOBAL_BATCH))
+        results[i] = {
+            "state": _local_net_state(module),
+            "loss": float(trainer.callback_metrics["train/loss"]),
+            "stages": strategy.pipeline.stage_indices,
+            "plan": strategy.pipeline.plan.counts,
+            "bubble": strategy.pipeline_bubble(),
+            "bytes": strategy.comm_bytes_per_step(),
+            "records": len(strategy.pipeline.timeline.records),
+        }
+
+    # checkpoint after 2 steps, resume to 4: same weights as 4 uninterrupted steps (one batch per epoch, so
+    # the result does not depend on where Lightning restarts the epoch)
+    data = FixedDataModule(x[:GLOBAL_BATCH], y[:GLOBAL_BATCH], GLOBAL_BATCH)
+    module = tiny_classifier(seed=0)
+    trainer = quiet_trainer(PipelineStrategy(schedule="1f1b", microbatches=MICRO, partition="uniform"), world_size, 2)
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(ckpt_path)
+    module = tiny_classifier(seed=0)
+    strategy = PipelineStrategy(schedule="1f1b", microbatches=MICRO, partition="uniform")
+    trainer = quiet_trainer(strategy, world_size, 4, limit_val_batches=1.0)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    results["resumed"] = _local_net_state(module)
+
+    # evaluation loops on the trained pipeline: a batch of 10 does not split into 4 (padded in eval)
+    evaluation = FixedDataModule(x[-GLOBAL_BATCH:][:10], y[-GLOBAL_BATCH:][:10], 10)
+    results["val"] = trainer.validate(module, datamodule=evaluation, verbose=False)[0]
+    results["test"] = trainer.test(module, datamodule=evaluation, verbose=False)[0]
+    results["predict"] = torch.cat(trainer.predict(module, datamodule=evaluation))
+
+    # a training batch that does not split into equal micro-batches is refused before any step
+    module = tiny_classifier(seed=0)
+    before = _local_net_state(module)
+    trainer = quiet_trainer(PipelineStrategy(schedule="gpipe", microbatches=MICRO, partition="uniform"), world_size, 1)
+    try:
+        trainer.fit(module, datamodule=FixedDataModule(x[:10], y[:10], 10))
+        results["uneven"] = "no error"
+    except ValueError as err:
+        results["uneven"] = str(err)
+    results["uneven_untouched"] = all(torch.equal(before[k], v) for k, v in _local_net_state(module).items())
+    return results
+
+
+def _merge(per_rank, key):
+    merged = {}
+    for r in per_rank:
+        merged.update(r[key]["state"] if isinstance(r[key], dict) and "state" in r[key] else r[key])
+    return merged
+
+
+def _reference_with_clip(steps, clip):
+    x, y = digits_tensors(STEPS * GLOBAL_BATCH)
+    order = sampler_order(len(x))
+    x, y = x[order], y[order]
+    ref = copy.deepcopy(tiny_classifier(seed=0))
+    opt = ref.configure_optimizers()
+    for step in range(steps):
+        sl = slice(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
+        opt.zero_grad()
+        ref.loss_fn(ref(x[sl]), y[sl]).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+        opt.step()
+    following = slice(steps * GLOBAL_BATCH, (steps + 1) * GLOBAL_BATCH)  # the batch the next step sees
+    return ref, (x[following], y[following])
+
+
+@pytest.mark.slow
+def test_every_schedule_matches_single_process(tmp_path):
+    ckpt = str(tmp_path / "pipe.ckpt")
+    per_rank = run_distributed(_train_every_schedule, 2, CASES, ckpt, timeout=420)
+    x, y = digits_tensors(STEPS * GLOBAL_BATCH + GLOBAL_BATCH)
+    expected = reference_train(tiny_classifier(seed=0), x[: STEPS * GLOBAL_BATCH], y[: STEPS * GLOBAL_BATCH],
+                               GLOBAL_BATCH, STEPS)
+    initial = tiny_classifier(seed=0).net.state_dict()
+    assert any((expected[k] - initial[k]).abs().max() > 1e-3 for k in expected), "reference did not train"
+
+    for i, (schedule, partition, clip) in enumerate(CASES):
+        merged = {}
+        for r in per_rank:
+            assert not set(merged) & set(r[i]["state"]), f"{schedule}: a layer is on two ranks"
+            merged.update(r[i]["state"])
+        if clip is None:
+            want = expected
+        else:
+            ref, _ = _reference_with_clip(STEPS, clip)
+            want = {k: v.detach() for k, v in ref.net.state_dict().items()}
+            assert any((want[k] - expected[k]).abs().max() > 1e-4 for k in want), "clipping had no effect"
+        try:
+            assert_state_dicts_close(merged, want, atol=1e-5)
+        except AssertionError as err:
+            raise AssertionError(f"schedule={schedule}, partition={partition}, clip={clip}: {err}") from None
+        # what training_step logged is the single-process loss of the last batch, on every rank
+        ref, (xb, yb) = _reference_with_clip(STEPS - 1, clip)
+        with torch.no_grad():
+            want_loss = ref.loss_fn(ref(xb), yb).item()
+        for r in per_rank:
+            assert r[i]["loss"] == pytest.approx(want_loss, abs=1e-5), schedule
+        per_rank_stages = [r[i]["stages"] for r in per_rank]
+        if schedule in ("gpipe", "1f1b"):
+            assert per_rank_stages == [[0], [1]]
+        elif schedule in ("zbv_zero_bubble", "dualpipev"):
+            assert per_rank_stages == [[0, 3], [1, 2]]
+        else:
+            assert per_rank_stages == [[0, 2], [1, 3]]
+        if isinstance(partition, list):
+            assert per_rank[0][i]["plan"] == partition
+        for r in per_rank:
+            assert 0.0 <= r[i]["bubble"]["measured"] < 1.0
+            assert r[i]["bytes"]["sent"] > 0 and r[i]["bytes"]["received"] > 0
+            assert r[i]["records"] > 0
+
+    # checkpoint resume (weights and momentum) equals uninterrupted training
+    resumed = {}
+    for r in per_rank:
+        resumed.update(r["resumed"])
+    same_batch = torch.arange(GLOBAL_BATCH).repeat(4)
+    expected4 = reference_train(tiny_classifier(seed=0), x[same_batch], y[same_batch], GLOBAL_BATCH, 4,
+                                order=torch.arange(4 * GLOBAL_BATCH))
+    assert_state_dicts_close(resumed, expected4, atol=1e-5)
+    # the checkpoint holds the full model: it loads into an unsplit module (= the reference after 2 steps)
+    full = ImageClassifier(tiny_classifier(seed=1).net)
+    full.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
+    ref2 = reference_train(tiny_classifier(seed=0), x[same_batch], y[same_batch], GLOBAL_BATCH, 2,
+                           order=torch.arange(4 * GLOBAL_BATCH))
+    assert_state_dicts_close({k: v for k, v in full.net.state_dict().items()}, ref2, atol=1e-5)
+
+    # validate / test / predict on the trained pipeline equal one process with the same weights
+    ref = tiny_classifier(seed=0)
+    ref.net.load_state_dict(expected4)
+    xe, ye = x[-GLOBAL_BATCH:][:10], y[-GLOBAL_BATCH:][:10]
+    with torch.no_grad():
+        logits = ref(xe)
+    for r in per_rank:
+        assert r["val"]["val/loss"] == pytest.approx(ref.loss_fn(logits, ye).item(), abs=1e-5)
+        assert r["test"]["test/loss"] == pytest.approx(ref.loss_fn(logits, ye).item(), abs=1e-5)
+        assert torch.equal(r["predict"], logits.argmax(dim=1))
+
+    # uneven micro-batches: a clear error on every rank, and no step taken
+    for r in per_rank:
+        assert "10 samples" in r["uneven"] and "microbatches=4" in r["uneven"], r["uneven"]
+        assert r["uneven_untouched"]
+
+
+def test_stage_placement_and_theory():
+    assert stage_ranks("1f1b", 2, 2) == [0, 1]
+    assert stage_ranks("interleaved_1f1b", 4, 2) == [0, 1, 0, 1]
+    assert stage_ranks("zbv_zero_bubble", 4, 2) == [0, 1, 1, 0]
+    assert local_stage_indices("dualpipev", 6, 3, 1) == [1, 4]
+    assert theoretical_bubble("gpipe", 4, 8) == pytest.approx(3 / 11)
+    assert theoretical_bubble("1f1b", 2, 4) == pytest.approx(1 / 5)
+    assert theoretical_bubble("interleaved_1f1b", 2, 4, 2) == pytest.approx(1 / 9)
+
+
+def test_schedule_names_are_case_insensitive_and_listed():
+    assert schedule_class("GPipe") is SCHEDULES["gpipe"]
+    assert PipelineStrategy(schedule="Interleaved_1F1B").schedule == "interleaved_1f1b"
+    with pytest.raises(ValueError) as err:
+        PipelineStrategy(schedule="2f2b")
+    for name in SCHEDULES:
+        assert name in str(err.value)
+
+
+def test_registered_name():
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="distnn_pipeline", logger=False)
+    assert isinstance(trainer.strategy, PipelineStrategy)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(schedule="1f1b", microbatches=1), "needs at least 2 micro-batches, got microbatches=1"),
+        (dict(schedule="dualpipev", microbatches=2), "needs at least 4 micro-batches"),
+        (dict(schedule="interleaved_1f1b", microbatches=5), "not a multiple of its 2 rounds"),
+        (dict(schedule="gpipe", partition=[2, 3, 3]), "has 3 stages, but pp=2"),
+        (dict(schedule="gpipe", stages_per_rank=2), "one stage per rank"),
+        (dict(schedule="zbv_zero_bubble", stages_per_rank=3), "exactly 2 stages per rank"),
+    ],
+)
+def test_bad_layouts_fail_before_launch(kwargs, match):
+    # _configure_launcher runs in the launching process, before any child exists
+    with pytest.raises(ValueError, match=match):
+        pl.Trainer(accelerator="cpu", devices=2, strategy=PipelineStrategy(**kwargs), logger=False)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="valid: balanced, uniform"):
+        PipelineStrategy(partition="random")
+    with pytest.raises(ValueError, match="positive integer"):
+        PipelineStrategy(microbatches=0)
+    with pytest.raises(ValueError, match="do not split into microbatches=4 equal micro-batches"):
+        check_microbatches(10, 4, schedule="gpipe", pp_size=2, num_stages=2)
+
+
+class _NoSequence(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+
+    def loss_fn(self, outputs, targets):
+        return outputs.sum()
+
+
+class _NoLoss(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+
+def _connected(strategy):
+    pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False)
+    return strategy
+
+
+def test_module_contract_and_depth_checked_before_any_step():
+    with pytest.raises(TypeError, match="exactly one nn.Sequential"):
+        _connected(PipelineStrategy(partition="uniform")).connect(_NoSequence())
+    with pytest.raises(TypeError, match="loss_fn"):
+        _connected(PipelineStrategy(partition="uniform")).connect(_NoLoss())
+    shallow = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match="4 pipeline stages .* need at least 4 layers, .* has 3"):
+        _connected(PipelineStrategy(schedule="looped_bfs", partition="uniform")).connect(shallow)
+    with pytest.raises(ValueError, match="covers 7 layers, the network has 8"):
+        _connected(PipelineStrategy(partition=[3, 4])).connect(tiny_classifier())

@@ -1,0 +1,145 @@
+"""SQLite and image-folder loading: round trip, workers, errors, converter, a data-parallel run."""
+
+import sqlite3
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import lightning_distnn  # noqa: F401
+from lightning_distnn.data import ImageFolderDataModule, ImageFolderDataset, SQLiteDataModule, SQLiteDataset, export_image_folder, write_sqlite
+from lightning_distnn.data.sqlite import main as sqlite_main
+from lightning_distnn.testing import run_distributed
+from lightning_distnn.testing.equivalence import digits_tensors
+
+N, IMAGE = 96, 8
+
+
+@pytest.fixture(scope="module")
+def tensors():
+    return digits_tensors(N, image_size=IMAGE)
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory, tensors):
+    x, y = tensors
+    path = tmp_path_factory.mktemp("db") / "digits.sqlite"
+    return write_sqlite(path, {"train": (x[:64], y[:64]), "val": (x[64:80], y[64:80]), "test": (x[80:], y[80:])}, num_classes=10)
+
+
+def test_round_trip_and_batched_queries(database, tensors):
+    x, y = tensors
+    ds = SQLiteDataset(database, "train")
+    assert len(ds) == 64 and ds.shape == (3, IMAGE, IMAGE)
+    img, label = ds[5]
+    assert torch.equal(img, x[5]) and label == int(y[5])
+    assert torch.equal(ds.targets, y[:64])
+    ds.read_log = []
+    batch = ds.__getitems__([3, 7, 3])  # duplicates (padding) allowed, one query
+    assert [b[1] for b in batch] == [int(y[3]), int(y[7]), int(y[3])]
+    assert ds.read_log == [3, 7]
+    test = SQLiteDataset(database, "test")
+    assert torch.equal(test[0][0], x[80])
+
+
+def test_workers_open_their_own_connections(database, tensors):
+    x, y = tensors
+    ds = SQLiteDataset(database, "train")
+    loader = DataLoader(ds, batch_size=10, num_workers=2, shuffle=False)
+    xs, ys = zip(*loader)
+    assert torch.equal(torch.cat(xs), x[:64]) and torch.equal(torch.cat(ys), y[:64])
+    assert ds._conn is None  # the parent never opened one: every worker queried on its own
+
+
+def test_errors_name_the_problem_and_the_fix(tmp_path, database):
+    with pytest.raises(FileNotFoundError, match="distnn-to-sqlite"):
+        SQLiteDataset(tmp_path / "missing.sqlite")
+    corrupt = tmp_path / "corrupt.sqlite"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ValueError, match="corrupt"):
+        SQLiteDataset(corrupt)
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE images (id INTEGER, pixels BLOB)")
+    with pytest.raises(ValueError, match="table samples is missing"):
+        SQLiteDataset(other)
+    with pytest.raises(ValueError, match="no split 'holdout'"):
+        SQLiteDataset(database, "holdout")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_sqlite(database, {"train": (torch.zeros(1, 1), torch.zeros(1))}, num_classes=1)
+    # a row whose blob has the wrong size
+    broken = tmp_path / "broken.sqlite"
+    write_sqlite(broken, {"train": (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))}, num_classes=1)
+    with sqlite3.connect(broken) as conn:
+        conn.execute("UPDATE samples SET image = x'00' WHERE idx = 1")
+    with pytest.raises(ValueError, match="row .* holds 1 bytes"):
+        SQLiteDataset(broken)[1]
+
+
+def test_converter_command(tmp_path, capsys):
+    out = tmp_path / "d.sqlite"
+    assert sqlite_main(["convert", "--source", "digits", "--out", str(out), "--image-size", "8"]) == 0
+    assert sqlite_main(["info", str(out)]) == 0
+    assert '"train": 1258' in capsys.readouterr().out
+    dm = SQLiteDataModule(path=str(out), partition="stratified")
+    dm.setup()
+    assert len(dm.train_set) == 1258 and dm.image_shape == (3, 8, 8)
+    with pytest.raises(SystemExit):
+        sqlite_main(["--source", "mnist", "--out", str(out)])
+
+
+def test_image_folder(tmp_path, tensors):
+    x, y = tensors
+    root = export_image_folder(x[:30], y[:30], tmp_path / "images")
+    ds = ImageFolderDataset(root, image_size=IMAGE)
+    assert len(ds) == 30 and sorted(ds.targets) == sorted(y[:30].tolist())
+    img, label = ds[0]
+    assert img.shape == (3, IMAGE, IMAGE) and (img - x[ds.samples[0][0].stem and int(ds.samples[0][0].stem)]).abs().max() < 1 / 127
+    dm = ImageFolderDataModule(root=str(root), image_size=IMAGE, val_fraction=0.2, test_fraction=0.2)
+    dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 30
+    with pytest.raises(FileNotFoundError, match="data.root"):
+        ImageFolderDataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        ImageFolderDataset(tmp_path / "empty")
+    # the converter takes image folders too
+    out = tmp_path / "f.sqlite"
+    sqlite_main(["--source", "image_folder", "--root", str(root), "--image-size", str(IMAGE), "--out", str(out)])
+    assert sum(len(SQLiteDataset(out, s)) for s in ("train", "val", "test")) == 30
+
+
+def _dp_from_sqlite(rank, world_size, path, steps):
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_distnn.testing.equivalence import quiet_trainer, tiny_classifier
+
+    # each rank starts with a different data seed: the sampler must take rank 0's
+    dm = SQLiteDataModule(path=path, batch_size=8, partition="stratified", seed=11 + rank)
+    # Lightning's own DDP: the partitioner works under any strategy that reports distributed_sampler_kwargs
+    trainer = quiet_trainer(DDPStrategy(timeout=timedelta(seconds=60)), devices=world_size, max_steps=steps)
+    dm.trainer = trainer
+    dm.setup()
+    dm.train_set.read_log = []
+    trainer.fit(tiny_classifier(image_size=IMAGE, pool_after=[1, 2]), datamodule=dm)
+    sampler = trainer.train_dataloader.sampler
+    return {
+        "read": list(dm.train_set.read_log),
+        "shard": list(sampler.shards(0)[rank]),
+        "seed": sampler.seed,
+        "report": dm.partition_report,
+    }
+
+
+@pytest.mark.slow
+def test_data_parallel_run_reads_only_its_shard(database):
+    steps = 4  # 64 train samples / (2 ranks x 8) = one epoch
+    results = run_distributed(_dp_from_sqlite, 2, str(database), steps, timeout=240)
+    shards = [set(r["read"]) for r in results]
+    assert all(sorted(r["read"]) == sorted(r["shard"]) for r in results)  # only its own rows, each once
+    assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == set(range(64))
+    assert results[0]["seed"] == results[1]["seed"] == 11
+    report = results[0]["report"]
+    assert report is not None and report.partitioner == "stratified" and report.size_spread <= 1
