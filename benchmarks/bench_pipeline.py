@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--gantt", default=None, help="PNG path for the 1F1B Gantt chart")
     args = parser.parse_args()
     world = 2
-    results = run_distributed(body, world, args, timeout=1800, env={"DISTNN_TIMEOUT_S": "120"})
+    results = run_distributed(body, world, args, timeout=1800, init_process_group=True, pg_timeout=120)
     res = results[0]
 
     raw = [t for k, t in res["overhead"] if k == "raw"]

@@ -96,13 +96,6 @@ def _train_every_schedule(rank, world_size, cases, ckpt_path):
     return results
 
 
-def _merge(per_rank, key):
-    merged = {}
-    for r in per_rank:
-        merged.update(r[key]["state"] if isinstance(r[key], dict) and "state" in r[key] else r[key])
-    return merged
-
-
 def _reference_with_clip(steps, clip):
     x, y = digits_tensors(STEPS * GLOBAL_BATCH)
     order = sampler_order(len(x))

@@ -364,6 +364,7 @@ class Pipeline:
         # per (mode, micro-batch size), so a short last batch or an eval batch gets its own
         self._runners: dict[tuple[str, int], tuple[list[PipelineStage], Any]] = {}
         self.last_losses: list[torch.Tensor] = []
+        self.grad_compression: Optional[str] = None  # "fp16" / "bf16": the dp all-reduce in half precision
 
     # ---- construction -------------------------------------------------------------------
     def _runner(self, mode: str, micro_size: int) -> tuple[list[PipelineStage], Any]:
@@ -432,12 +433,24 @@ class Pipeline:
         return output
 
     def allreduce_gradients(self) -> None:
-        """Average the stage gradients over the data-parallel group (one flat all-reduce)."""
+        """Average the stage gradients over the data-parallel group (one flat all-reduce).
+
+        Tensor-parallel (DTensor) gradients are reduced through their local shards: the dp peers of
+        a rank hold the same shard. ``grad_compression`` ("fp16"/"bf16") sends the buffer in half
+        precision.
+        """
         grads = [p.grad for m in self.modules for p in m.parameters() if p.grad is not None]
+        grads = [g._local_tensor if hasattr(g, "_local_tensor") else g for g in grads]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.dp_group)
+        wire = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.grad_compression or "")
+        if wire is not None:
+            half = flat.to(wire)
+            dist.all_reduce(half, group=self.dp_group)
+            flat = half.to(flat.dtype)
+        else:
+            dist.all_reduce(flat, group=self.dp_group)
         flat /= dist.get_world_size(self.dp_group)
         offset = 0
         for g in grads:

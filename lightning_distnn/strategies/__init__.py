@@ -6,8 +6,9 @@ from lightning_distnn.strategies.data_parallel import DataParallelStrategy, Loca
 from lightning_distnn.strategies.pipeline import PipelineStrategy
 from lightning_distnn.strategies.feature_parallel import FeatureParallelStrategy
 from lightning_distnn.strategies.tensor_parallel import TensorParallelStrategy
+from lightning_distnn.strategies.hybrid import HybridStrategy
 
-STRATEGIES = [DataParallelStrategy, TensorParallelStrategy, FeatureParallelStrategy, PipelineStrategy, ParameterServerStrategy, LocalSGDStrategy]
+STRATEGIES = [DataParallelStrategy, TensorParallelStrategy, FeatureParallelStrategy, PipelineStrategy, ParameterServerStrategy, LocalSGDStrategy, HybridStrategy]
 
 for _strategy in STRATEGIES:
     _strategy.register_strategies(StrategyRegistry)
@@ -30,4 +31,4 @@ def get_strategy(name: str, **kwargs):
     return by_name[name](**kwargs)
 
 
-__all__ = ["PipelineStrategy", "FeatureParallelStrategy", "DataParallelStrategy", "TensorParallelStrategy", "STRATEGIES", "get_strategy", "registered_names", "ParameterServerStrategy", "LocalSGDStrategy"]
+__all__ = ["PipelineStrategy", "FeatureParallelStrategy", "DataParallelStrategy", "TensorParallelStrategy", "STRATEGIES", "get_strategy", "registered_names", "ParameterServerStrategy", "LocalSGDStrategy", "HybridStrategy"]

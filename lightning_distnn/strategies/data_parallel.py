@@ -43,12 +43,13 @@ from lightning_distnn.parallel.accounting import CommCounter
 from lightning_distnn.parallel.compression import CompressionConfig, register_compression_hook
 from lightning_distnn.parallel.local_sgd import LocalSGDConfig, PeriodicAverager
 from lightning_distnn.parallel.param_server import PS_MODES, ParameterServerGroup, plan_shards, split_roles
+from lightning_distnn.strategies._checkpointing import DistributedCheckpointMixin
 from lightning_distnn.strategies._common import as_timedelta, world_size_of
 
 SYNC_MODES = ("allreduce", "parameter_server", "local_sgd")
 
 
-class DataParallelStrategy(DDPStrategy):
+class DataParallelStrategy(DistributedCheckpointMixin, DDPStrategy):
     """Horizontal data distribution over ``devices x num_nodes`` processes (gloo on CPU, NCCL on GPU).
 
     Args:

@@ -244,6 +244,10 @@ class PipelineStrategy(DDPStrategy):
             costs = box[0]
         return make_plan(self.partition, len(net), stages, costs=costs)
 
+    def _stage_transform(self, mesh):
+        """A callable applied to each stage module before it is wrapped (subclasses shard it); None here."""
+        return None
+
     def _build(self, trainer) -> None:
         module = self.lightning_module
         attr, net = sequential_of(module, self.module_attr)
@@ -259,6 +263,7 @@ class PipelineStrategy(DDPStrategy):
             schedule=self.schedule,
             microbatches=self.microbatches,
             dp_group=mesh.get_group("dp") if dims.dp > 1 else None,
+            stage_transform=self._stage_transform(mesh),
             record_timeline=self.record_timeline,
         )
         local = OrderedDict((name, layer) for m in self.pipeline.modules for name, layer in m.named_children())

@@ -1,0 +1,163 @@
+"""HybridStrategy: dp x pp x tp equivalence with one process; resharding checkpoints; errors."""
+
+import copy
+
+import pytest
+import torch
+
+import lightning_distnn  # noqa: F401
+from lightning_distnn.strategies import DataParallelStrategy, HybridStrategy
+from lightning_distnn.testing import assert_state_dicts_close, run_distributed
+from lightning_distnn.testing.equivalence import (
+    FixedDataModule,
+    cpu_state_dict,
+    digits_tensors,
+    quiet_trainer,
+    reference_train,
+    sampler_order,
+    tiny_classifier,
+)
+
+STEPS, GLOBAL_BATCH = 3, 16
+LAYOUTS = {  # name -> HybridStrategy kwargs (4 processes each)
+    "dp2xpp2": dict(dp=2, pp=2, tp=1, microbatches=2, partition="uniform"),
+    "dp2xtp2": dict(dp=2, pp=1, tp=2),
+    "pp2xtp2": dict(dp=1, pp=2, tp=2, microbatches=2, partition="uniform"),
+}
+
+
+def _full_state(strategy, module):
+    """The unsplit network's weights on every rank (DTensors gathered, stages merged)."""
+    from torch.distributed.tensor import DTensor
+
+    local = {}
+    for name, value in module.net.state_dict().items():
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        local[name] = value.detach().cpu().clone()
+    parts = [None] * strategy.world_size
+    torch.distributed.all_gather_object(parts, local)
+    merged = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def _train_layouts(rank, world_size, layouts):
+    x, y = digits_tensors(STEPS * GLOBAL_BATCH)
+    out = {}
+    for name in layouts:
+        kwargs = LAYOUTS[name]
+        module = tiny_classifier(seed=0)
+        strategy = HybridStrategy(timeout=60, **kwargs)
+        trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS)
+        trainer.fit(module, datamodule=FixedDataModule(x, y, GLOBAL_BATCH // kwargs["dp"]))
+        out[name] = _full_state(strategy, module)
+        dims = strategy.parallel_dims
+        out[name + "/dims"] = (dims.dp, dims.pp, dims.tp)
+    return out
+
+
+@pytest.mark.slow
+def test_hybrid_layouts_match_single_process():
+    results = run_distributed(_train_layouts, 4, list(LAYOUTS), timeout=500)
+    x, y = digits_tensors(STEPS * GLOBAL_BATCH)
+    expected = reference_train(tiny_classifier(seed=0), x, y, GLOBAL_BATCH, STEPS)
+    for name, kwargs in LAYOUTS.items():
+        for rank, result in enumerate(results):
+            assert result[name + "/dims"] == (kwargs["dp"], kwargs["pp"], kwargs["tp"])
+            try:
+                assert_state_dicts_close(result[name], expected, atol=1e-5)
+            except AssertionError as err:
+                raise AssertionError(f"layout {name}, rank {rank}: {err}") from None
+
+
+# ---- resharding: save under one layout, resume under another ------------------------------
+EPOCH_SAMPLES = 32  # 2 steps of 16 per epoch
+
+
+def _reference_two_epochs():
+    x, y = digits_tensors(EPOCH_SAMPLES)
+    module = tiny_classifier(seed=0)
+    ref = copy.deepcopy(module)
+    optimizer = ref.configure_optimizers()
+    for epoch in range(2):
+        order = sampler_order(EPOCH_SAMPLES, epoch=epoch)
+        xe, ye = x[order], y[order]
+        for step in range(EPOCH_SAMPLES // GLOBAL_BATCH):
+            sl = slice(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
+            optimizer.zero_grad()
+            ref.loss_fn(ref(xe[sl]), ye[sl]).backward()
+            optimizer.step()
+    return {k: v.detach().clone() for k, v in ref.net.state_dict().items()}
+
+
+def _train_first_epoch_and_save(rank, world_size, path, kwargs):
+    x, y = digits_tensors(EPOCH_SAMPLES)
+    module = tiny_classifier(seed=0)
+    trainer = quiet_trainer(HybridStrategy(timeout=60, **kwargs), devices=world_size, max_epochs=1, max_steps=-1)
+    trainer.fit(module, datamodule=FixedDataModule(x, y, GLOBAL_BATCH // kwargs.get("dp", 1)))
+    trainer.save_checkpoint(path)
+    return trainer.global_step
+
+
+def _resume_data_parallel(rank, world_size, path):
+    x, y = digits_tensors(EPOCH_SAMPLES)
+    module = tiny_classifier(seed=123)  # other initial weights: everything must come from the checkpoint
+    strategy = DataParallelStrategy(timeout=60)
+    trainer = quiet_trainer(strategy, devices=world_size, max_epochs=2, max_steps=-1)
+    trainer.fit(module, datamodule=FixedDataModule(x, y, GLOBAL_BATCH // world_size), ckpt_path=path)
+    return trainer.global_step, cpu_state_dict(module.net)
+
+
+@pytest.mark.slow
+def test_hybrid_checkpoint_resumes_as_data_parallel(tmp_path):
+    path = str(tmp_path / "hybrid_dp2_pp2")
+    steps = run_distributed(
+        _train_first_epoch_and_save, 4, path, dict(dp=2, pp=2, microbatches=2, partition="uniform"), timeout=300
+    )
+    assert steps == [2] * 4
+    results = run_distributed(_resume_data_parallel, 2, path, timeout=300)
+    expected = _reference_two_epochs()
+    for global_step, state in results:
+        assert global_step == 4
+        assert_state_dicts_close(state, expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_pipeline_checkpoint_resumes_in_one_process(tmp_path):
+    path = str(tmp_path / "pp2")
+    run_distributed(_train_first_epoch_and_save, 2, path, dict(pp=2, microbatches=2, partition="uniform"), timeout=300)
+    # one process, no process group: Lightning's single-device strategy cannot read DCP, ours can
+    results = run_distributed(_resume_data_parallel, 1, path, timeout=300)
+    global_step, state = results[0]
+    assert global_step == 4
+    assert_state_dicts_close(state, _reference_two_epochs(), atol=1e-5)
+
+
+# ---- errors ---------------------------------------------------------------------------------
+def test_layout_not_fitting_devices_names_numbers():
+    import lightning.pytorch as pl
+
+    with pytest.raises(ValueError, match=r"dp=2, pp=2, tp=2.*world_size=4"):
+        pl.Trainer(accelerator="cpu", devices=4, strategy=HybridStrategy(dp=2, pp=2, tp=2), logger=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(sync="parameter_server"), "parameter server"),
+        (dict(sync="local_sgd"), "local SGD"),
+        (dict(compression="powersgd"), "DDP communication hook"),
+        (dict(compression="zip"), "valid: None, 'fp16', 'bf16'"),
+        (dict(tp=0), "tp=0"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HybridStrategy(**kwargs)
+
+
+def test_registered():
+    import lightning.pytorch as pl
+
+    assert "distnn_hybrid" in pl.strategies.StrategyRegistry.available_strategies()
