@@ -33,7 +33,6 @@ MODES = {
     "powersgd r2": {"compression": "powersgd", "powersgd_rank": 2, "powersgd_start_iter": 2},
     "powersgd r4": {"compression": "powersgd", "powersgd_rank": 4, "powersgd_start_iter": 2},
     "powersgd r2 s10": {"compression": "powersgd", "powersgd_rank": 2, "powersgd_start_iter": 10},
-    "powersgd r2 s20": {"compression": "powersgd", "powersgd_rank": 2, "powersgd_start_iter": 20},
     "topk 1%": {"compression": "topk", "topk_ratio": 0.01},
     "ps sync": {"sync": "parameter_server"},
     "ps sync 2 shards": {"sync": "parameter_server", "num_servers": 2},

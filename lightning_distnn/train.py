@@ -69,7 +69,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "params/rank": ", ".join(str(p) for p in metrics.get("params_per_rank", [])),
         }
         if "comm_bytes_per_step" in metrics:
-            sent = [r.get("sent", 0.0) for r in metrics["comm_bytes_per_step"]]
+            sent = [r.get("sent", 0.0) + r.get("allreduce", 0.0) for r in metrics["comm_bytes_per_step"]]
             summary["bytes sent/step (max rank)"] = max(sent)
         if "pipeline_bubble" in metrics:
             bubble = metrics["pipeline_bubble"][0]

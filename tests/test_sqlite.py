@@ -112,16 +112,12 @@ def test_image_folder(tmp_path, tensors):
 
 
 def _dp_from_sqlite(rank, world_size, path, steps):
-    from datetime import timedelta
-
-    from lightning.pytorch.strategies import DDPStrategy
-
+    from lightning_distnn.strategies import DataParallelStrategy
     from lightning_distnn.testing.equivalence import quiet_trainer, tiny_classifier
 
     # each rank starts with a different data seed: the sampler must take rank 0's
     dm = SQLiteDataModule(path=path, batch_size=8, partition="stratified", seed=11 + rank)
-    # Lightning's own DDP: the partitioner works under any strategy that reports distributed_sampler_kwargs
-    trainer = quiet_trainer(DDPStrategy(timeout=timedelta(seconds=60)), devices=world_size, max_steps=steps)
+    trainer = quiet_trainer(DataParallelStrategy(timeout=60), devices=world_size, max_steps=steps)
     dm.trainer = trainer
     dm.setup()
     dm.train_set.read_log = []

@@ -37,7 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from lightning_distnn._compat import _sync_module_states
+from lightning_distnn._compat import _sync_module_states, skip_per_batch_sigterm_broadcast
 from lightning_distnn.mesh import ParallelDims, device_type_of
 from lightning_distnn.parallel.accounting import CommCounter
 from lightning_distnn.parallel.compression import CompressionConfig, register_compression_hook
@@ -194,6 +194,8 @@ class DataParallelStrategy(DistributedCheckpointMixin, DDPStrategy):
             counter=self.comm_counter,
             timeout=self._timeout.total_seconds(),
         )
+        if self.ps_mode == "async":
+            skip_per_batch_sigterm_broadcast(trainer)  # else Lightning's per-batch broadcast keeps workers in step
 
     def _server_optimizer_factory(self, module, plan) -> Callable:
         """The user's optimizer class and per-group hyper-parameters, rebuilt over a server's shard."""
