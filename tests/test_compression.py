@@ -99,6 +99,7 @@ def _converge(rank, world_size, runs, epochs):
     out = {}
     for name, kwargs in runs.items():
         module = tiny_classifier(seed=0, conv_filters=16, fc_width=64)
+        module.optimizer_factory = partial(torch.optim.SGD, lr=0.02, momentum=0.9)  # steadier than lr 0.05
         data = DigitsDataModule(image_size=16, batch_size=32)
         strategy = DataParallelStrategy(timeout=120, **kwargs)
         trainer = quiet_trainer(strategy, devices=world_size, max_epochs=epochs, max_steps=-1)
@@ -111,12 +112,12 @@ def _converge(rank, world_size, runs, epochs):
 def test_approximate_methods_converge_on_digits():
     runs = {
         "allreduce": {},
-        "powersgd": {"compression": "powersgd", "powersgd_rank": 4, "powersgd_start_iter": 20},
+        "powersgd": {"compression": "powersgd", "powersgd_rank": 2, "powersgd_start_iter": 2},
         "topk": {"compression": "topk", "topk_ratio": 0.05},
-        "ps_powersgd": {"sync": "parameter_server", "compression": "powersgd", "powersgd_rank": 4},
+        "ps_powersgd": {"sync": "parameter_server", "compression": "powersgd", "powersgd_rank": 2},
         "local_sgd": {"sync": "local_sgd", "local_sgd_period": 4, "local_sgd_warmup_steps": 20},
     }
-    res = run_distributed(_converge, 2, runs, 8, timeout=500)[0]
+    res = run_distributed(_converge, 2, runs, 10, timeout=500)[0]
     base_acc, base_bytes = res["allreduce"]
     assert base_acc > 0.8, res
     # run-to-run noise of the final accuracy at this size is ~3 points (see docs/model_sync.md)

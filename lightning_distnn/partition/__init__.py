@@ -26,8 +26,24 @@ from lightning_distnn.partition.features import (
     image_strips,
     make_feature_plan,
 )
+from lightning_distnn.partition.model import (
+    PARTITION_METHODS,
+    StagePlan,
+    balanced,
+    explicit,
+    make_plan,
+    profile_layer_costs,
+    uniform,
+)
 
 __all__ = [
+    "PARTITION_METHODS",
+    "StagePlan",
+    "uniform",
+    "balanced",
+    "explicit",
+    "make_plan",
+    "profile_layer_costs",
     "PARTITIONERS",
     "Partitioner",
     "RandomPartitioner",
