@@ -19,7 +19,7 @@ reports its payload to a :class:`~lightning_distnn.parallel.accounting.CommCount
 """
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -337,6 +337,3 @@ def make_codec(config: CompressionConfig) -> Codec:
         return TopKCodec(config.topk_ratio)
     return PowerSGDCodec(config.rank, config.min_compression_rate)
 
-
-def describe(config: Any) -> str:
-    return getattr(config, "name", str(config))
