@@ -113,6 +113,7 @@ class DataParallelStrategy(DistributedCheckpointMixin, DDPStrategy):
         self.parallel_dims: Optional[ParallelDims] = None
         self.comm_counter = CommCounter()
         self._hook_state = None
+        self._dense_grad_bytes = 0
         self._averager: Optional[PeriodicAverager] = None
         self._ps: Optional[ParameterServerGroup] = None
 
@@ -156,6 +157,11 @@ class DataParallelStrategy(DistributedCheckpointMixin, DDPStrategy):
     def _register_ddp_hooks(self) -> None:
         if self._ddp_comm_hook is not None:  # a user-given hook: Lightning's own path
             return super()._register_ddp_hooks()
+        if self.sync == "allreduce" and self.compression.name == "none":
+            # plain all-reduce: DDP's built-in C++ path, no Python hook per bucket; the bytes of its one
+            # all-reduce of every gradient per optimizer step are counted in optimizer_step
+            self._dense_grad_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+            return
         # Lightning registers comm hooks on CUDA only; ours work on CPU/gloo too
         self._hook_state = register_compression_hook(self.model, config=self.compression, counter=self.comm_counter)
         if self.sync == "local_sgd":
@@ -225,6 +231,8 @@ class DataParallelStrategy(DistributedCheckpointMixin, DDPStrategy):
             out = self.precision_plugin.optimizer_step(_PushPull(optimizer, self._ps), model=model, closure=closure, **kwargs)
         else:
             out = super().optimizer_step(optimizer, closure, model, **kwargs)
+            if self._dense_grad_bytes:
+                self.comm_counter.allreduce(self._dense_grad_bytes, self.world_size)
             if self._averager is not None:
                 self._averager.after_step(p for p in self.lightning_module.parameters() if p.requires_grad)
                 self._hook_state.enabled = self._averager.in_warmup
