@@ -29,7 +29,7 @@ def _count(rank, world_size):
         module = tiny_classifier(seed=0, conv_filters=4)
         module.optimizer_factory = partial(torch.optim.SGD, lr=0.05)
         strategy = DataParallelStrategy(timeout=60, **kwargs)
-        trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS)
+        trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS, log_every_n_steps=1)
         trainer.fit(module, datamodule=FixedDataModule(x, y, BATCH))
         out[name] = dict(strategy.comm_bytes_per_step())
         out[name]["logged_sent"] = float(trainer.callback_metrics["comm/bytes_sent_per_step"])

@@ -247,7 +247,9 @@ class DataParallelStrategy(DistributedCheckpointMixin, DDPStrategy):
             # the SIGTERM broadcast) still find every rank.
             return torch.zeros((), device=self.root_device, requires_grad=True)
         out = super().training_step(*args, **kwargs)
-        if self.comm_counter.steps:
+        trainer = self.lightning_module.trainer
+        # only on the steps Lightning writes logs: a per-step log would copy to the device every step
+        if self.comm_counter.steps and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
             stats = self.comm_counter.per_step()
             module = self.lightning_module
             module.log("comm/bytes_sent_per_step", stats["sent"], on_step=True, on_epoch=False)
