@@ -71,12 +71,12 @@ class Clock(pl.Callback):
         self.seconds = time.perf_counter() - self.start  # up to this rank's last step (not the wait at the end)
 
 
-def _one(world_size, kwargs, args, callbacks=(), max_steps=-1):
+def _one(world_size, kwargs, args, callbacks=(), max_steps=-1, seed=0):
     from lightning_distnn.data import DigitsDataModule
 
     kwargs = dict(kwargs)
     momentum = kwargs.pop("_momentum", args.momentum)  # a mode may override the optimizer's momentum
-    module = tiny_classifier(seed=0, conv_filters=args.conv_filters, fc_width=args.fc_width, image_size=args.image_size)
+    module = tiny_classifier(seed=seed, conv_filters=args.conv_filters, fc_width=args.fc_width, image_size=args.image_size)
     module.optimizer_factory = partial(torch.optim.SGD, lr=args.lr, momentum=momentum)
     data = DigitsDataModule(image_size=args.image_size, batch_size=args.batch)
     strategy = DataParallelStrategy(timeout=300, **kwargs)
@@ -92,7 +92,7 @@ def _modes_worker(rank, world_size, modes, args):
     rows = []
     for rep in range(args.repeats):
         for name in modes:
-            rows.append((rep, name, _one(world_size, MODES[name], args)))
+            rows.append((rep, name, _one(world_size, MODES[name], args, seed=rep if args.vary_seed else 0)))
     return rows
 
 
@@ -112,7 +112,7 @@ def _straggler_worker(rank, world_size, args):
     return out
 
 
-def modes_table(results, world_size):
+def modes_table(results, world_size, mean_over_seeds=False):
     by_mode: dict[str, list] = {}
     for rank_rows in results:
         for rep, name, r in rank_rows:
@@ -127,7 +127,7 @@ def modes_table(results, world_size):
         accs = [rs[0]["acc"] for rs in reps.values()]
         sent = [statistics.mean(r["sent"] for r in rs) for rs in reps.values()]
         ips = [sum(r["images"] for r in rs) / max(r["seconds"] for r in rs) for rs in reps.values()]
-        summary[name] = (statistics.median(accs), statistics.median(sent), statistics.median(ips))
+        summary[name] = (statistics.mean(accs) if mean_over_seeds else statistics.median(accs), statistics.median(sent), statistics.median(ips))
     base = summary["allreduce"]
     rows = []
     for name, (acc, sent, ips) in summary.items():
@@ -176,6 +176,7 @@ def main() -> None:
     p.add_argument("--only", choices=["modes", "straggler"], default=None)
     p.add_argument("--modes", nargs="*", default=list(MODES))
     p.add_argument("--out", default=None)
+    p.add_argument("--vary-seed", action="store_true", help="repeat r initialises the model with seed r (accuracy = median over seeds)")
     args = p.parse_args()
     torch.set_num_threads(1)
     text = [f"# bench_sync: digits {args.image_size}px, CaseStudyCNN(conv_filters={args.conv_filters}, fc_width={args.fc_width}), "
@@ -183,7 +184,7 @@ def main() -> None:
     if args.only in (None, "modes"):
         modes = ["allreduce"] + [m for m in args.modes if m != "allreduce"]
         res = run_distributed(_modes_worker, args.world, modes, args, timeout=3600)
-        text.append(modes_table(res, args.world))
+        text.append(modes_table(res, args.world, mean_over_seeds=args.vary_seed))
         print(text[-1], flush=True)
     if args.only in (None, "straggler"):
         res = run_distributed(_straggler_worker, args.world, args, timeout=3600)
