@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_distnn.parallel.collectives import flat_average_
 from lightning_distnn.partition.features import FeaturePlan
 
 
@@ -145,16 +146,7 @@ def apply_feature_parallel(net: SplitNet, *, rank: int, world_size: int, group: 
 
 def average_gradients(params, *, group: Optional[dist.ProcessGroup] = None) -> None:
     """Average the gradients of replicated parameters (the top) over the group, in one flat all-reduce."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat.div_(dist.get_world_size(group))
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    flat_average_([p.grad for p in params if p.grad is not None], group=group)
 
 
 def image_bottom(slice_shape: Sequence[int], *, width: int = 8, embed_dim: int = 32) -> nn.Sequential:

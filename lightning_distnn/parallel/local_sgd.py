@@ -15,7 +15,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from lightning_distnn.parallel.accounting import CommCounter, nbytes
+from lightning_distnn.parallel.accounting import CommCounter
+from lightning_distnn.parallel.collectives import flat_average_
 
 
 @dataclass
@@ -59,16 +60,6 @@ class PeriodicAverager:
 
 def average_parameters(params: Iterable[torch.Tensor], *, group: Optional[dist.ProcessGroup] = None, counter: Optional[CommCounter] = None) -> None:
     """Replace every tensor by its mean over ``group`` (one flat all-reduce per dtype)."""
-    params = [p for p in params]
-    if not params:
-        return
-    world = dist.get_world_size(group)
-    with torch.no_grad():
-        flat = torch.cat([p.detach().reshape(-1) for p in params]).div_(world)
-        if counter is not None:
-            counter.allreduce(nbytes(flat), world)
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for p in params:
-            p.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+    payload = flat_average_([p.detach() for p in params], group=group)
+    if counter is not None and payload:
+        counter.allreduce(payload, dist.get_world_size(group))

@@ -45,6 +45,7 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 
+from lightning_distnn.parallel.collectives import flat_average_
 from lightning_distnn.partition.model import StagePlan
 
 SCHEDULES: dict[str, type] = {
@@ -440,22 +441,8 @@ class Pipeline:
         precision.
         """
         grads = [p.grad for m in self.modules for p in m.parameters() if p.grad is not None]
-        grads = [g._local_tensor if hasattr(g, "_local_tensor") else g for g in grads]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
         wire = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.grad_compression or "")
-        if wire is not None:
-            half = flat.to(wire)
-            dist.all_reduce(half, group=self.dp_group)
-            flat = half.to(flat.dtype)
-        else:
-            dist.all_reduce(flat, group=self.dp_group)
-        flat /= dist.get_world_size(self.dp_group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        flat_average_(grads, group=self.dp_group, wire_dtype=wire)
 
     @torch.no_grad()
     def forward(self, x: Optional[torch.Tensor], batch_size: int) -> Optional[torch.Tensor]:

@@ -23,7 +23,7 @@ Activation layouts between modules are plain local tensors; the plan records the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
 
 import torch

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lightning_distnn.checkpoint import is_distributed_checkpoint, load_distributed, save_distributed
+from lightning_distnn.parallel.collectives import flat_average_
 from lightning_distnn.mesh import ParallelDims, device_type_of
 from lightning_distnn.parallel.tensor import (
     REPLICATE,
@@ -158,20 +158,8 @@ class TensorParallelStrategy(ModelParallelStrategy):
         dims = self.parallel_dims
         if dims is None or dims.dp == 1:
             return
-        grads = []
-        for p in self.lightning_module.parameters():
-            if p.grad is not None:
-                grads.append(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
-        if not grads:
-            return
-        with torch.no_grad():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.device_mesh.get_group("dp"))
-            flat.div_(dims.dp)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+        grads = [p.grad for p in self.lightning_module.parameters() if p.grad is not None]
+        flat_average_(grads, group=self.device_mesh.get_group("dp"))
 
     def comm_bytes_per_step(self) -> dict[str, int]:
         """Bytes this rank sends and receives per optimizer step (analytic, from the last training batch's shapes).

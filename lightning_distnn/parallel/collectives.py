@@ -1,0 +1,42 @@
+"""Small collective helpers shared by the strategies."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """The shard this rank holds of a DTensor (the tensor itself otherwise)."""
+    return tensor._local_tensor if hasattr(tensor, "_local_tensor") else tensor
+
+
+@torch.no_grad()
+def flat_average_(
+    tensors: Iterable[torch.Tensor],
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    wire_dtype: Optional[torch.dtype] = None,
+) -> int:
+    """Replace every tensor in place by its mean over ``group``, in one flat all-reduce.
+
+    DTensors are averaged through their local shards (the group's peers hold the same shard).
+    ``wire_dtype`` (e.g. ``torch.float16``) sends the buffer in that precision. Returns the bytes
+    of the all-reduced buffer (the payload), for communication accounting.
+    """
+    parts = [local_part(t) for t in tensors]
+    if not parts:
+        return 0
+    flat = torch.cat([t.reshape(-1) for t in parts])
+    wire = flat if wire_dtype is None else flat.to(wire_dtype)
+    dist.all_reduce(wire, group=group)
+    if wire is not flat:
+        flat = wire.to(flat.dtype)
+    flat.div_(dist.get_world_size(group))
+    offset = 0
+    for t in parts:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return wire.numel() * wire.element_size()
