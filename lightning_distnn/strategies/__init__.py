@@ -2,6 +2,8 @@
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_distnn.strategies._common import register_strategy
+
 from lightning_distnn.strategies.data_parallel import DataParallelStrategy, LocalSGDStrategy, ParameterServerStrategy
 from lightning_distnn.strategies.pipeline import PipelineStrategy
 from lightning_distnn.strategies.feature_parallel import FeatureParallelStrategy
@@ -10,8 +12,18 @@ from lightning_distnn.strategies.hybrid import HybridStrategy
 
 STRATEGIES = [DataParallelStrategy, TensorParallelStrategy, FeatureParallelStrategy, PipelineStrategy, ParameterServerStrategy, LocalSGDStrategy, HybridStrategy]
 
+DESCRIPTIONS = {
+    DataParallelStrategy: "lightning_distnn data parallel: DDP all-reduce, optional compression",
+    ParameterServerStrategy: "lightning_distnn data parallel through parameter servers (point-to-point)",
+    LocalSGDStrategy: "lightning_distnn data parallel with periodic model averaging (local SGD)",
+    FeatureParallelStrategy: "lightning_distnn feature parallel: a bottom network per feature slice, all-gathered to a top",
+    PipelineStrategy: "lightning_distnn pipeline parallel: torch.distributed.pipelining schedules over the pp axis",
+    TensorParallelStrategy: "lightning_distnn tensor parallel: Conv2d/Linear sharded over the tp axis (DTensor)",
+    HybridStrategy: "lightning_distnn hybrid: dp x pp x tp on one DeviceMesh",
+}
+
 for _strategy in STRATEGIES:
-    _strategy.register_strategies(StrategyRegistry)
+    register_strategy(_strategy, StrategyRegistry, DESCRIPTIONS[_strategy])
 
 
 

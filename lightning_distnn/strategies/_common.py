@@ -61,3 +61,8 @@ def loss_fn_of(module: nn.Module):
             "F.cross_entropy(outputs, targets)`."
         )
     return loss_fn
+
+
+def register_strategy(cls, strategy_registry, description: str) -> None:
+    """Register ``cls`` under its ``strategy_name`` (what each strategy's ``register_strategies`` does)."""
+    strategy_registry.register(cls.strategy_name, cls, description=description, override=True)

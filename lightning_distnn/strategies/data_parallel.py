@@ -267,15 +267,6 @@ class DataParallelStrategy(DistributedCheckpointMixin, DDPStrategy):
         ``payload``, ``steps``); a co-located parameter server's traffic counts for its rank."""
         return self.comm_counter.per_step()
 
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description=f"lightning_distnn data parallel, sync={cls.default_sync!r}",
-            override=True,
-        )
 
 
 class _PushPull:

@@ -216,12 +216,3 @@ class FeatureParallelStrategy(DDPStrategy):
         ]
         super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
 
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="lightning_distnn feature parallel: a bottom network per feature slice, all-gathered to a top",
-            override=True,
-        )

@@ -152,12 +152,3 @@ class HybridStrategy(DistributedCheckpointMixin, PipelineStrategy):
         super()._build(trainer)
         self.pipeline.grad_compression = self.compression
 
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="lightning_distnn hybrid: dp x pp x tp on one DeviceMesh",
-            override=True,
-        )

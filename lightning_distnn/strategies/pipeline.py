@@ -452,12 +452,3 @@ class PipelineStrategy(DDPStrategy):
                     bubble=self.pipeline_bubble(),
                 )
 
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="lightning_distnn pipeline parallel: torch.distributed.pipelining schedules over the pp axis",
-            override=True,
-        )

@@ -213,15 +213,6 @@ class TensorParallelStrategy(ModelParallelStrategy):
         self._hooks.clear()
         super().teardown()
 
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="lightning_distnn tensor parallel: Conv2d/Linear sharded over the tp axis (DTensor)",
-            override=True,
-        )
 
 
 def describe_plan(module, tp: int, plan: Optional[Mapping[str, str]] = None, module_attr: Optional[str] = None) -> str:
