@@ -153,5 +153,12 @@ def load_distributed(
         dcp.load(state, checkpoint_id=str(path), process_group=process_group)
     set_model_state_dict(module, state[MODEL_KEY], options=options)
     for i, optimizer in enumerate(optimizers):
+        hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         set_optimizer_state_dict(module, optimizer, state[_optim_key(i)], options=options)
+        # DCP keeps one copy of non-tensor entries: the param groups written by rank 0. Where ranks hold
+        # different parameters (pipeline stages), a group of this rank's parameters comes back without its
+        # hyper-parameters: take them from the optimizer as configured for this run.
+        for group, own in zip(optimizer.param_groups, hyper):
+            for key, value in own.items():
+                group.setdefault(key, value)
     return meta

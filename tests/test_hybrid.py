@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lightning_distnn  # noqa: F401
-from lightning_distnn.strategies import DataParallelStrategy, HybridStrategy
+from lightning_distnn.strategies import DataParallelStrategy, HybridStrategy, PipelineStrategy
 from lightning_distnn.testing import assert_state_dicts_close, run_distributed
 from lightning_distnn.testing.equivalence import (
     FixedDataModule,
@@ -91,10 +91,10 @@ def _reference_two_epochs():
     return {k: v.detach().clone() for k, v in ref.net.state_dict().items()}
 
 
-def _train_first_epoch_and_save(rank, world_size, path, kwargs):
+def _train_first_epoch_and_save(rank, world_size, path, kwargs, strategy_cls=HybridStrategy):
     x, y = digits_tensors(EPOCH_SAMPLES)
     module = tiny_classifier(seed=0)
-    trainer = quiet_trainer(HybridStrategy(timeout=60, **kwargs), devices=world_size, max_epochs=1, max_steps=-1)
+    trainer = quiet_trainer(strategy_cls(timeout=60, **kwargs), devices=world_size, max_epochs=1, max_steps=-1)
     trainer.fit(module, datamodule=FixedDataModule(x, y, GLOBAL_BATCH // kwargs.get("dp", 1)))
     trainer.save_checkpoint(path)
     return trainer.global_step
@@ -126,7 +126,10 @@ def test_hybrid_checkpoint_resumes_as_data_parallel(tmp_path):
 @pytest.mark.slow
 def test_pipeline_checkpoint_resumes_in_one_process(tmp_path):
     path = str(tmp_path / "pp2")
-    run_distributed(_train_first_epoch_and_save, 2, path, dict(pp=2, microbatches=2, partition="uniform"), timeout=300)
+    run_distributed(
+        _train_first_epoch_and_save, 2, path, dict(pp=2, microbatches=2, partition="uniform"), PipelineStrategy,
+        timeout=300,
+    )
     # one process, no process group: Lightning's single-device strategy cannot read DCP, ours can
     results = run_distributed(_resume_data_parallel, 1, path, timeout=300)
     global_step, state = results[0]

@@ -18,6 +18,7 @@ from lightning_distnn.parallel.pipeline import (
     theoretical_bubble,
 )
 from lightning_distnn.strategies import PipelineStrategy
+from lightning_distnn.checkpoint import load_distributed
 from lightning_distnn.testing import assert_state_dicts_close, run_distributed
 from lightning_distnn.testing.equivalence import (
     FixedDataModule,
@@ -168,7 +169,7 @@ def test_every_schedule_matches_single_process(tmp_path):
     assert_state_dicts_close(resumed, expected4, atol=1e-5)
     # the checkpoint holds the full model: it loads into an unsplit module (= the reference after 2 steps)
     full = ImageClassifier(tiny_classifier(seed=1).net)
-    full.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
+    load_distributed(ckpt, full)  # a DCP directory keyed by the unsplit model's names, no process group
     ref2 = reference_train(tiny_classifier(seed=0), x[same_batch], y[same_batch], GLOBAL_BATCH, 2,
                            order=torch.arange(4 * GLOBAL_BATCH))
     assert_state_dicts_close({k: v for k, v in full.net.state_dict().items()}, ref2, atol=1e-5)

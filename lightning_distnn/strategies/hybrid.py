@@ -36,7 +36,6 @@ from typing_extensions import override
 
 from lightning_distnn.mesh import ParallelDims
 from lightning_distnn.parallel.tensor import apply_tp
-from lightning_distnn.strategies._checkpointing import DistributedCheckpointMixin
 from lightning_distnn.strategies.pipeline import PipelineStrategy
 
 HYBRID_COMPRESSION = (None, "none", "fp16", "bf16")
@@ -48,7 +47,7 @@ NOT_ON_HYBRID = {
 }
 
 
-class HybridStrategy(DistributedCheckpointMixin, PipelineStrategy):
+class HybridStrategy(PipelineStrategy):
     """dp x pp x tp training of an ``nn.Sequential`` LightningModule (the model-parallel contract).
 
     Args:

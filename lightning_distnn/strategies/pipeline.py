@@ -21,9 +21,10 @@ micro-batch, the last stage's output is broadcast to every pipeline rank, and th
 the progress bar on every rank. Validation, test and predict run a forward-only pass the same way.
 
 After setup, ``module.net`` on each rank holds only that rank's layers (under their original
-indices, so state-dict keys match the unsplit model). Checkpoints hold the *full* model state
-dict (gathered from every stage), so they load into an unsplit module or another layout; the
-optimizer states are saved per rank and resume at the same layout.
+indices, so state-dict keys match the unsplit model). Checkpoints are torch.distributed.checkpoint
+directories keyed by those names, optimizer state included (:mod:`lightning_distnn.checkpoint`):
+they resume under another layout (another pp, a hybrid, data parallel, one process) and
+``load_distributed`` reads one into an unsplit module.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from lightning_distnn.parallel.pipeline import (
     schedule_name,
 )
 from lightning_distnn.partition.model import PARTITION_METHODS, explicit, make_plan, profile_layer_costs
+from lightning_distnn.strategies._checkpointing import DistributedCheckpointMixin
 from lightning_distnn.strategies._common import as_timedelta, loss_fn_of, sequential_of, world_size_of
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ class _Replay(nn.Module):
         return self.output
 
 
-class PipelineStrategy(DDPStrategy):
+class PipelineStrategy(DistributedCheckpointMixin, DDPStrategy):
     """Pipeline-parallel training of an ``nn.Sequential`` LightningModule over ``pp`` ranks.
 
     Args:
@@ -373,50 +375,33 @@ class PipelineStrategy(DDPStrategy):
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         return self._eval_step("predict_step", self.precision_plugin.predict_step_context, *args, **kwargs)
 
-    # ---- checkpoints ----------------------------------------------------------------------
+    # ---- checkpoints (DCP directories: DistributedCheckpointMixin) ---------------------------
+    @override
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        """A Lightning checkpoint file of the whole model: each rank takes its own layers' tensors."""
+        if self._loaded_distributed:  # a DCP directory: already read into the stages
+            return
+        module = self.lightning_module
+        own = module.state_dict()
+        module.load_state_dict({k: v for k, v in checkpoint["state_dict"].items() if k in own}, strict=strict)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        if self._loaded_distributed:
+            return
+        raise ValueError(
+            "PipelineStrategy resumes optimizer state from the distributed checkpoint directories it saves "
+            "(trainer.save_checkpoint / ModelCheckpoint under this strategy); this is a single-file Lightning "
+            "checkpoint, whose optimizer state is indexed for the unsplit model. Load only its weights "
+            "(LightningModule.load_from_checkpoint) and start a new fit, or resume from a DCP directory."
+        )
+
+    # ---- observability --------------------------------------------------------------------
     def _gather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
 
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The full model's state dict, merged from every stage (a collective: all ranks call it)."""
-        local = {k: v.detach().cpu() for k, v in self.lightning_module.state_dict().items()}
-        if not (dist.is_available() and dist.is_initialized()):
-            return local
-        merged: dict[str, Any] = {}
-        for part in self._gather(local):
-            merged.update(part)
-        return merged
-
-    @override
-    def optimizer_state(self, optimizer) -> dict[str, Any]:
-        state = super().optimizer_state(optimizer)
-        if not (dist.is_available() and dist.is_initialized()):
-            return state
-        return {"distnn_pipeline_ranks": self._gather(state)}
-
-    @override
-    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
-        module = self.lightning_module
-        own = module.state_dict()
-        state = {k: v for k, v in checkpoint["state_dict"].items() if k in own}
-        module.load_state_dict(state, strict=strict)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint) -> None:
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            per_rank = state.get("distnn_pipeline_ranks")
-            if per_rank is None or len(per_rank) != self.world_size:
-                raise ValueError(
-                    f"This checkpoint's optimizer states were saved by {len(per_rank) if per_rank else 1} process(es), "
-                    f"this run has {self.world_size}: resume the pipeline at the layout it was saved with, or load "
-                    "only the weights (the checkpoint's state_dict is the full model) into a fresh run."
-                )
-            optimizer.load_state_dict(per_rank[self.global_rank])
-
-    # ---- observability --------------------------------------------------------------------
     def comm_bytes_per_step(self) -> dict[str, int]:
         """Bytes this rank sends/receives between pipeline stages per optimizer step (activation shapes x micro-batches)."""
         if self.pipeline is None:
