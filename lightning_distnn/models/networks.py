@@ -75,13 +75,6 @@ class CaseStudyCNN(nn.Sequential):
             features = width
         super().__init__(*blocks)
         init_relu_network(self)
-        self.hparams = dict(
-            conv_layers=conv_layers,
-            conv_filters=conv_filters,
-            fc_layers=fc_layers,
-            fc_width=fc_width,
-            num_classes=num_classes,
-        )
 
 
 class SeedNet(nn.Sequential):

@@ -109,10 +109,3 @@ def topk_values(numel: int, ratio: float) -> int:
     """Values top-k keeps of ``numel`` (at least one)."""
     return max(1, int(numel * ratio))
 
-
-def dense_values(shapes: Iterable[Sequence[int]]) -> int:
-    total = 0
-    for shape in shapes:
-        n, m = _matrix(shape)
-        total += n * m
-    return total

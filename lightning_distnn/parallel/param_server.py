@@ -84,9 +84,6 @@ class ShardPlan:
     def indices(self, server: int) -> list[int]:
         return [i for i, s in enumerate(self.owner) if s == server]
 
-    def shard_shapes(self, server: int) -> list[torch.Size]:
-        return [self.shapes[i] for i in self.indices(server)]
-
     def values(self, server: int) -> int:
         return sum(int(self.shapes[i].numel()) for i in self.indices(server))
 
@@ -331,10 +328,6 @@ class ParameterServerGroup:
         except BaseException:  # noqa: BLE001 - kept in server.error, raised in the worker
             pass
 
-    def serve(self) -> None:
-        """Dedicated servers: serve until every worker has stopped (blocks)."""
-        self.server.run()
-
     def _check_server(self) -> None:
         if self.server is not None and self.server.error is not None:
             raise self.server.error
@@ -410,9 +403,3 @@ class ParameterServerGroup:
         if self._thread is not None:
             self._thread.join(timeout=self.timeout)
             self._check_server()
-
-    def server_state(self) -> dict[str, torch.Tensor]:
-        """This rank's server shard by parameter name (empty when it serves nothing)."""
-        if self.server is None:
-            return {}
-        return {self.plan.names[i]: p.detach().clone() for i, p in zip(self.plan.indices(self.rank), self.server.params)}

@@ -242,10 +242,6 @@ class Timeline:
         busy = sum(r.duration for r in self.of_step(step))
         return max(0.0, 1.0 - busy / (end - start)) if end > start else math.nan
 
-    def mean_bubble(self) -> float:
-        """Bubble averaged over the steps kept (the first kept step included)."""
-        values = [self.bubble(s) for s in self.spans if not math.isnan(self.spans[s][1])]
-        return sum(values) / len(values) if values else math.nan
 
 
 def _record_tasks(stage: PipelineStage, timeline: Timeline) -> None:
@@ -364,7 +360,6 @@ class Pipeline:
         # torch infers the p2p buffer shapes at a stage's first step: one set of stages and schedule
         # per (mode, micro-batch size), so a short last batch or an eval batch gets its own
         self._runners: dict[tuple[str, int], tuple[list[PipelineStage], Any]] = {}
-        self.last_losses: list[torch.Tensor] = []
         self.grad_compression: Optional[str] = None  # "fp16" / "bf16": the dp all-reduce in half precision
 
     # ---- construction -------------------------------------------------------------------
@@ -420,15 +415,12 @@ class Pipeline:
         _, schedule = self._runner("train", reference.shape[0] // self.microbatches)
         if self.record_timeline:
             self.timeline.begin_step()
-        losses: list[torch.Tensor] = []
         output = schedule.step(
             *((x,) if self.is_first else ()),
             target=y if self.is_last else None,
-            losses=losses,
         )
         if self.record_timeline:
             self.timeline.end_step()
-        self.last_losses = [loss.detach() * self.grad_divisor for loss in losses]
         if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
             self.allreduce_gradients()
         return output

@@ -360,9 +360,6 @@ class TPPlan:
         """Module name -> style name (the form a user plan takes)."""
         return {e.name: e.style for e in self.entries}
 
-    def sharded(self) -> list[str]:
-        return [e.name for e in self.entries if e.style in ("colwise", "rowwise", "sharded_norm")]
-
     def __str__(self) -> str:
         head = ("module", "kind", "style", "input", "output", "note")
         rows = [head] + [(e.name, e.kind, e.style, e.input, e.output, e.note) for e in self.entries]

@@ -102,5 +102,5 @@ def quiet_trainer(strategy, devices: int, max_steps: int, **kwargs) -> pl.Traine
     return pl.Trainer(**options)
 
 
-def cpu_state_dict(module: torch.nn.Module, prefix: Optional[str] = None) -> dict[str, torch.Tensor]:
+def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
