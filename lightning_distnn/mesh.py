@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from datetime import timedelta
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -98,29 +99,58 @@ class ParallelDims:
             "tp": rank % self.tp,
         }
 
-    def build_mesh(self, device_type: str = "cpu"):
+    def build_mesh(self, device_type: str = "cpu", *, timeout: Optional[timedelta] = None):
         """Build (once) and return the 3-D DeviceMesh with axes ``("dp", "pp", "tp")``.
 
-        Needs an initialised default process group whose size is ``world_size``.
+        Needs an initialised default process group whose size is ``world_size``. Every group of
+        every axis is created here with ``timeout`` (default: the default group's), so a collective
+        on a sub-mesh group (e.g. the dp peers of one pipeline stage) ends after the same time as
+        one on the whole world: ``init_device_mesh`` would give its sub-groups torch's default
+        (30 minutes on gloo), and a frozen peer would hang the job that long.
         """
         if self._mesh is None:
-            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.device_mesh import DeviceMesh
 
-            if dist.is_initialized() and dist.get_world_size() != self.world_size:
+            if dist.get_world_size() != self.world_size:
                 raise ValueError(
                     f"ParallelDims was built for world_size={self.world_size}, but the process group has "
                     f"{dist.get_world_size()} ranks: pass the same number of processes to the Trainer."
                 )
-            self._mesh = init_device_mesh(
-                device_type, (self.dp, self.pp, self.tp), mesh_dim_names=tuple(a.value for a in AXES)
+            ranks = torch.arange(self.world_size, dtype=torch.int).view(self.dp, self.pp, self.tp)
+            groups = []
+            for axis in range(3):
+                # every rank creates every group of this axis, in the same order (a torch.distributed rule)
+                moved = ranks.movedim(axis, -1).reshape(-1, ranks.shape[axis])
+                mine = None
+                for row in moved.tolist():
+                    group = dist.new_group(row, timeout=timeout)
+                    if dist.get_rank() in row:
+                        mine = group
+                groups.append(mine)
+            self._mesh = DeviceMesh.from_group(
+                groups, device_type, mesh=ranks, mesh_dim_names=tuple(a.value for a in AXES)
             )
         return self._mesh
 
-    def group(self, axis: str, device_type: str = "cpu") -> "dist.ProcessGroup":
-        """The process group of this rank along one mesh axis."""
-        if axis not in self.degrees:
-            raise ValueError(f"Unknown mesh axis {axis!r}; valid axes: {', '.join(self.degrees)}.")
-        return self.build_mesh(device_type).get_group(axis)
+    @property
+    def mesh(self):
+        """The mesh built by :meth:`build_mesh` (a ``RuntimeError`` before it)."""
+        if self._mesh is None:
+            raise RuntimeError("ParallelDims.build_mesh() has not run yet in this process (the strategy builds it in setup_environment).")
+        return self._mesh
+
+    def group(self, axis: Union[str, Axis]) -> "dist.ProcessGroup":
+        """The process group of this rank along one mesh axis (after :meth:`build_mesh`)."""
+        name = Axis(axis).value if not isinstance(axis, Axis) else axis.value
+        return self.mesh.get_group(name)
+
+    def rank_on(self, axis: Union[str, Axis], rank: Optional[int] = None) -> int:
+        """This (or ``rank``'s) position on one axis."""
+        rank = dist.get_rank() if rank is None else rank
+        return self.coordinates(rank)[Axis(axis).value]
+
+    def __str__(self) -> str:
+        return " x ".join(f"{name}{value}" for name, value in self.degrees.items() if value > 1) or "one process"
 
 
 def device_type_of(device: torch.device) -> str:

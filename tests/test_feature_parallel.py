@@ -51,16 +51,20 @@ def _train_fp(rank, world_size, partition, digits_epochs, checkpoint=None):
     out = {"state": cpu_state_dict(model.net), "shapes": seen.shapes, "plan": model.plan}
     out["params"] = sum(p.numel() for p in model.parameters())
     if checkpoint:
-        trainer.save_checkpoint(checkpoint)  # every rank's bottom and optimizer state, one file
-        saved = torch.load(checkpoint, weights_only=False)
-        out["checkpoint"] = {k[len("net."):]: v for k, v in saved["state_dict"].items() if k.startswith("net.")}
+        trainer.save_checkpoint(checkpoint)  # a DCP directory: every rank's bottom, the top once, optimizer states
+        from lightning_distnn.checkpoint import load_distributed
+
+        whole = _model(partition, world_size)  # an unsplit model: all bottoms
+        load_distributed(checkpoint, whole)
+        out["checkpoint"] = {k: v.detach().clone() for k, v in whole.net.state_dict().items()}
         before = {k: v.clone() for k, v in model.state_dict().items()}
         momentum = [s["momentum_buffer"].clone() for s in trainer.optimizers[0].state.values()]
         with torch.no_grad():
             for p in model.parameters():
                 p.zero_()
-        trainer.strategy.load_model_state_dict(saved)
-        trainer.strategy.load_optimizer_state_dict(saved)
+        for state in trainer.optimizers[0].state.values():
+            state["momentum_buffer"].zero_()
+        trainer.strategy.load_checkpoint(checkpoint)  # each rank reads its own part back
         out["reloaded"] = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         after = [s["momentum_buffer"] for s in trainer.optimizers[0].state.values()]
         out["reloaded"] &= all(torch.equal(a, b) for a, b in zip(momentum, after)) and len(after) == len(momentum)

@@ -6,11 +6,13 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def local_part(tensor: torch.Tensor) -> torch.Tensor:
-    """The shard this rank holds of a DTensor (the tensor itself otherwise)."""
-    return tensor._local_tensor if hasattr(tensor, "_local_tensor") else tensor
+    """The shard this rank holds of a DTensor (the tensor itself otherwise); a view, so in-place
+    updates under ``no_grad`` reach the DTensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 @torch.no_grad()

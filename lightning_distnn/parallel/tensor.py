@@ -382,6 +382,11 @@ def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     return [(prefix, module)]
 
 
+#: public name of the execution-order walk (strategies use it)
+def leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    return _leaves(module, prefix)
+
+
 def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=True))
 

@@ -3,23 +3,42 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
-DEFAULT_TIMEOUT = timedelta(seconds=int(os.environ.get("DISTNN_TIMEOUT_S", "300")))
+Timeout = Union[None, int, float, str, timedelta]
+TIMEOUT_ENV = "DISTNN_TIMEOUT_S"
 
 
-def as_timedelta(timeout: Union[None, int, float, timedelta]) -> timedelta:
-    """Seconds or a timedelta; ``None`` means the package default (env ``DISTNN_TIMEOUT_S``, 300 s)."""
+def _seconds(value: Union[int, float, str], where: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{where}={value!r} is not a number of seconds: give e.g. 300 or 42.5."
+        ) from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{where}={value!r} must be a positive, finite number of seconds, e.g. 300.")
+    return seconds
+
+
+def as_timedelta(timeout: Timeout) -> timedelta:
+    """Seconds (a number, or a string such as ``"42.5"``) or a timedelta; ``None`` means the package
+    default: env ``DISTNN_TIMEOUT_S`` if set, else 300 s. Anything else is refused with the fix."""
     if timeout is None:
-        return DEFAULT_TIMEOUT
+        env = os.environ.get(TIMEOUT_ENV)
+        return timedelta(seconds=_seconds(env, f"environment variable {TIMEOUT_ENV}") if env else 300.0)
     if isinstance(timeout, timedelta):
+        if timeout.total_seconds() <= 0:
+            raise ValueError(f"timeout={timeout!r} must be positive.")
         return timeout
-    if timeout <= 0:
-        raise ValueError(f"timeout={timeout} must be a positive number of seconds.")
-    return timedelta(seconds=float(timeout))
+    if isinstance(timeout, bool):
+        raise ValueError(f"timeout={timeout!r} is not a number of seconds: give e.g. timeout=300.")
+    return timedelta(seconds=_seconds(timeout, "timeout"))
 
 
 def world_size_of(strategy) -> int:
@@ -66,3 +85,53 @@ def loss_fn_of(module: nn.Module):
 def register_strategy(cls, strategy_registry, description: str) -> None:
     """Register ``cls`` under its ``strategy_name`` (what each strategy's ``register_strategies`` does)."""
     strategy_registry.register(cls.strategy_name, cls, description=description, override=True)
+
+
+@contextmanager
+def swapped_child(module: nn.Module, name: str, replacement: nn.Module):
+    """Temporarily replace the child ``name`` of ``module`` (restored afterwards, also on errors)."""
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield replacement
+    finally:
+        setattr(module, name, original)
+
+
+class _Spy(nn.Module):
+    """Stands in for the network: records what it is called with and returns a marker."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__()
+        self.output = output
+        self.calls: list[tuple] = []
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.calls.append(args)
+        return self.output
+
+
+def check_forward_is_network(module: nn.Module, attr: str, example: torch.Tensor) -> None:
+    """Refuse a LightningModule whose ``forward`` does more than ``self.<attr>(x)``.
+
+    Under pipeline parallelism the first stage receives the batch's inputs as they are and the
+    module's output is the last stage's output, so preprocessing before the network, a head after
+    it, or a second call would be skipped silently. Checked once, before the first step, by
+    running ``forward`` with the network replaced by a marker.
+    """
+    spy = _Spy(torch.zeros(1))
+    with swapped_child(module, attr, spy), torch.no_grad():
+        out = module(example)
+    passed_through = len(spy.calls) == 1 and len(spy.calls[0]) == 1 and spy.calls[0][0] is example
+    if not (passed_through and out is spy.output):
+        what = (
+            f"calls self.{attr} {len(spy.calls)} times" if len(spy.calls) != 1
+            else f"changes the input before self.{attr}" if not passed_through
+            else f"changes the output of self.{attr}"
+        )
+        raise ValueError(
+            f"{type(module).__name__}.forward {what}: the pipeline runs only the layers of self.{attr} (the first "
+            "stage gets the batch's inputs unchanged, the last stage's output is the module's output), so that work "
+            f"would be skipped. Move it into the nn.Sequential (e.g. append the head as its last layer, or "
+            f"preprocess in the dataset), or use a data-parallel or tensor-parallel strategy."
+        )

@@ -16,21 +16,20 @@ Usage (the model is a :class:`~lightning_distnn.models.SplitClassifier` with ``p
 
 from __future__ import annotations
 
-from datetime import timedelta
-from typing import Any, Union
+from typing import Any
 
 import lightning.pytorch as pl
-import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from lightning_distnn._compat import _optimizers_to_device
+from lightning_distnn.mesh import Axis, ParallelDims
 from lightning_distnn.parallel.feature import SplitNet, apply_feature_parallel, average_gradients
 from lightning_distnn.partition.features import FeatureSliceDataset
-from lightning_distnn.strategies._common import as_timedelta, world_size_of
+from lightning_distnn.strategies._common import Timeout, world_size_of
+from lightning_distnn.strategies.base import MeshStrategy
 
 
 def split_net_of(module: pl.LightningModule) -> SplitNet:
@@ -45,18 +44,13 @@ def split_net_of(module: pl.LightningModule) -> SplitNet:
     return net
 
 
-_RANK_STATES = "feature_parallel_rank_states"
-
-
-def _prefix_of(module, child) -> str:
-    for name, sub in module.named_modules():
-        if sub is child:
-            return f"{name}." if name else ""
-    raise ValueError("the SplitNet is not part of the LightningModule")
-
-
-class FeatureParallelStrategy(DDPStrategy):
+class FeatureParallelStrategy(MeshStrategy):
     """Vertical data distribution over ``devices x num_nodes`` processes, one feature slice per process.
+
+    Layout: the feature slices lie on the mesh's ``tp`` axis (every rank a share of the model's
+    bottoms, like a tensor-parallel shard) and ``dp = 1`` (every rank reads every sample).
+    Checkpoints are the DCP directories of :class:`~lightning_distnn.strategies.base.MeshStrategy`:
+    each rank saves its own bottom, the replicated top once.
 
     Args:
         timeout: seconds (or a timedelta) any collective may wait before the job ends with an error.
@@ -69,17 +63,23 @@ class FeatureParallelStrategy(DDPStrategy):
 
     strategy_name = "distnn_feature"
 
-    def __init__(
-        self,
-        timeout: Union[None, int, float, timedelta] = None,
-        sync_top: bool = True,
-        slice_inputs: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(timeout=as_timedelta(timeout), **kwargs)
+    def __init__(self, timeout: Timeout = None, sync_top: bool = True, slice_inputs: bool = True, **kwargs: Any) -> None:
+        super().__init__(timeout=timeout, **kwargs)
         self.sync_top = bool(sync_top)
         self.slice_inputs = bool(slice_inputs)
 
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, override=True,
+            description="lightning_distnn feature parallel: a bottom network per feature slice, all-gathered to a top",
+        )
+
+    @override
+    def layout(self, world_size: int) -> ParallelDims:
+        return ParallelDims(dp=1, pp=1, tp=world_size, world_size=world_size)
+
+    @override
     def check_model(self, model: pl.LightningModule) -> None:
         """Raise if ``model`` cannot run feature-parallel on this many processes (no collective involved)."""
         net = split_net_of(model)
@@ -92,22 +92,10 @@ class FeatureParallelStrategy(DDPStrategy):
             )
 
     @override
-    def _configure_launcher(self) -> None:
-        super()._configure_launcher()
-        # check the model in the launching process, before any child exists (the launcher gets it first)
-        launch = self._launcher.launch
-
-        def checked_launch(function, *args, **kwargs):
-            if args and isinstance(args[0], pl.LightningModule):
-                self.check_model(args[0])
-            return launch(function, *args, **kwargs)
-
-        self._launcher.launch = checked_launch
-
-    @override
-    def connect(self, model: pl.LightningModule) -> None:
-        self.check_model(model)  # again on every rank (torchrun / SLURM start the ranks themselves)
-        super().connect(model)
+    def describe(self) -> str:
+        net = split_net_of(self.lightning_module) if self._lightning_module is not None else None
+        kind = f"{net.plan.kind}, " if net is not None else ""
+        return f"{type(self).__name__}({kind}{self.dims.tp} slices)"
 
     @property
     def split_net(self) -> SplitNet:
@@ -129,23 +117,22 @@ class FeatureParallelStrategy(DDPStrategy):
 
     @override
     def _setup_model(self, model):
-        apply_feature_parallel(split_net_of(model), rank=self.global_rank, world_size=self.world_size, group=None)
+        group = self.parallel_dims.group(Axis.TP)
+        apply_feature_parallel(split_net_of(model), rank=self.parallel_dims.rank_on(Axis.TP), world_size=self.world_size, group=group)
         return model
 
     @override
     def configure_ddp(self) -> None:
         self.model = self._setup_model(self.model)
 
-    @property
     @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # every rank reads the same samples, in the same order: the split is by features
-        return {"num_replicas": 1, "rank": 0}
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        pass  # no DDP wrapper to prepare
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
-        if self.sync_top and dist.is_initialized() and self.world_size > 1:
-            average_gradients(self.split_net.top.parameters())
+        if self.sync_top and self.world_size > 1:
+            average_gradients(self.split_net.top.parameters(), group=self.parallel_dims.group(Axis.TP))
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
@@ -171,48 +158,3 @@ class FeatureParallelStrategy(DDPStrategy):
         if dataloader.num_workers > 0:
             options["prefetch_factor"] = dataloader.prefetch_factor
         return DataLoader(FeatureSliceDataset(dataset, net.plan[net.rank]), **options)
-
-    # -- checkpoints: every rank's bottom (and optimizer state) goes into the one file rank 0 writes
-    def _gather(self, obj: Any) -> list[Any]:
-        if not (dist.is_initialized() and self.world_size > 1):
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        state = self.lightning_module.state_dict()
-        net = self.split_net
-        if net.rank is None:
-            return state
-        prefix = f"{_prefix_of(self.lightning_module, net)}bottoms."
-        mine = {k: v.detach().cpu() for k, v in state.items() if k.startswith(f"{prefix}{net.rank}.")}
-        for part in self._gather(mine):
-            state.update(part)
-        return state
-
-    @override
-    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
-        net = self.split_net
-        state = checkpoint["state_dict"]
-        if net.rank is not None:
-            prefix = f"{_prefix_of(self.lightning_module, net)}bottoms."
-            state = {
-                k: v for k, v in state.items() if not k.startswith(prefix) or k.startswith(f"{prefix}{net.rank}.")
-            }
-        self.lightning_module.load_state_dict(state, strict=strict)
-
-    @override
-    def optimizer_state(self, optimizer) -> dict[str, Any]:
-        # ranks optimise different bottoms: keep every rank's state, each rank loads its own
-        return {_RANK_STATES: self._gather(optimizer.state_dict())}
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint) -> None:
-        states = [
-            s[_RANK_STATES][self.global_rank] if isinstance(s, dict) and _RANK_STATES in s else s
-            for s in checkpoint["optimizer_states"]
-        ]
-        super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
-

@@ -1,13 +1,10 @@
-"""Hybrid strategy: data x pipeline x tensor parallelism on one DeviceMesh.
+"""HybridStrategy: data x pipeline x tensor parallelism on one DeviceMesh — the general model-parallel strategy.
 
-A composition, not a copy: the pipeline pieces (:mod:`lightning_distnn.parallel.pipeline`, through
-:class:`~lightning_distnn.strategies.pipeline.PipelineStrategy`) split the network's layers over the
-``pp`` axis, the tensor-parallel pieces (:func:`lightning_distnn.parallel.tensor.apply_tp`) shard
-every stage's Conv2d/Linear layers over the ``tp`` axis, and each stage's gradients are averaged
-over the ``dp`` axis. Samplers split the samples over the ``dp`` axis only.
-
-Mesh: ``ParallelDims(dp, pp, tp)`` with ``tp`` innermost, so rank ``r`` sits at
-``dp = r // (pp*tp)``, ``pp = (r // tp) % pp``, ``tp = r % tp``.
+The layout is a :class:`~lightning_distnn.mesh.ParallelDims` (``dp x pp x tp``, tp innermost); the
+network is split, sharded and synchronised by one call of
+:func:`lightning_distnn.parallel.parallelize.parallelize` (pipeline cut, tensor parallel per stage,
+pipeline schedule, data-parallel gradient sync, in that order). :class:`PipelineStrategy`
+(``tp=1``) and :class:`TensorParallelStrategy` (``pp=1``) are presets of this class.
 
 Usage::
 
@@ -16,29 +13,60 @@ Usage::
     Trainer(devices=10, strategy=HybridStrategy(dp=2, pp=5, microbatches=8))   # the seed's 2 x 5
     distnn-train strategy=hybrid strategy.pp=5 trainer.devices=10
 
-What applies on the data-parallel axis: plain all-reduce (``sync="allreduce"``) with optional
-``compression="fp16"``/``"bf16"`` (the flat gradient buffer is all-reduced in half precision).
-The parameter server, local SGD, PowerSGD and top-k need either a whole model replica per worker
-or DDP's gradient buckets; a hybrid replica is itself split over ``pp x tp`` ranks, so they are
-refused with an error that says so (use ``DataParallelStrategy`` for them).
+What the LightningModule needs (the model-parallel contract of DESIGN.md): the network is an
+``nn.Sequential`` attribute (``self.net``, or the one named by ``module_attr``) and, when ``pp > 1``,
+``forward(x)`` is exactly ``self.net(x)`` and ``loss_fn(outputs, targets)`` gives the loss; batches
+are ``(inputs, targets)``; automatic optimisation. Everything is checked before the first step.
 
-Checkpoints are torch.distributed.checkpoint directories keyed by the unsplit model's parameter
-names (:mod:`lightning_distnn.checkpoint`): they resume under another layout, e.g. hybrid ->
-``DataParallelStrategy``, or pipeline -> one process.
+With ``pp > 1`` the schedule runs forward and backward of every micro-batch inside
+``training_step``; the last stage's output is broadcast over the pipeline ranks and the module's
+own ``training_step`` (logging, metrics) runs on it, so what it logs reaches the logger on every
+rank. With ``pp == 1`` the (sharded) network runs as an ordinary module.
+
+On the data-parallel axis: plain all-reduce, optionally in fp16/bf16 (``compression``). The
+parameter server, local SGD, PowerSGD and top-k need whole-model replicas or DDP's gradient
+buckets; a hybrid replica is itself split over ``pp x tp`` ranks, so they are refused with the
+reason (use the data-parallel strategies for them).
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+import logging
+import math
+from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
 from typing_extensions import override
 
-from lightning_distnn.mesh import ParallelDims
-from lightning_distnn.parallel.tensor import apply_tp
-from lightning_distnn.strategies.pipeline import PipelineStrategy
+from lightning_distnn._compat import replace_norm_clipping, set_device_mesh
+from lightning_distnn.mesh import Axis, ParallelDims
+from lightning_distnn.parallel.parallelize import DP_WIRE_DTYPES, ParallelNet, parallelize
+from lightning_distnn.parallel.pipeline import (
+    check_microbatches,
+    clip_grad_norm_across,
+    resolve_stages_per_rank,
+    schedule_name,
+)
+from lightning_distnn.partition.model import PARTITION_METHODS, explicit, make_plan, profile_layer_costs
+from lightning_distnn.strategies._common import (
+    Timeout,
+    check_forward_is_network,
+    loss_fn_of,
+    sequential_of,
+    world_size_of,
+)
+from lightning_distnn.strategies._pipeline_steps import LocalLayers, PipelineSteps
+from lightning_distnn.strategies._example import ENTRY_POINTS, example_inputs
+from lightning_distnn.strategies.base import MeshStrategy
 
-HYBRID_COMPRESSION = (None, "none", "fp16", "bf16")
+log = logging.getLogger(__name__)
+
 NOT_ON_HYBRID = {
     "parameter_server": "a parameter server needs whole-model replicas on the workers",
     "local_sgd": "local SGD averages whole-model replicas",
@@ -47,22 +75,40 @@ NOT_ON_HYBRID = {
 }
 
 
-class HybridStrategy(PipelineStrategy):
-    """dp x pp x tp training of an ``nn.Sequential`` LightningModule (the model-parallel contract).
+def _degree(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
+        raise ValueError(f"{name}={value!r} must be a positive integer, or -1 for 'the rest'.")
+    return value
+
+
+class HybridStrategy(MeshStrategy):
+    """dp x pp x tp training of a LightningModule whose network is an ``nn.Sequential``.
 
     Args:
         dp, pp, tp: parallel degrees; one of them may be ``-1`` ("the rest", default ``dp``).
-            ``pp=1`` runs the network as one stage (dp x tp), ``tp=1`` is dp x pp.
-        schedule, microbatches, stages_per_rank, partition: the pipeline's (see
-            :class:`PipelineStrategy`); with ``pp=1`` the default schedule is GPipe with one micro-batch.
-        tp_plan: module name -> style for the tensor-parallel plan (names relative to the network,
-            e.g. ``"5.1": "replicate"``); overrides the automatic plan.
-        sync: ``"allreduce"`` (the only mode that composes with pp/tp; see the module docstring).
-        compression: ``None``, ``"fp16"`` or ``"bf16"`` for the data-parallel all-reduce.
+        schedule: pipeline schedule (``pp > 1``): ``gpipe``, ``1f1b`` (default), ``interleaved_1f1b``,
+            ``looped_bfs``, ``interleaved_zero_bubble``, ``zbv_zero_bubble``, ``dualpipev``.
+        microbatches: micro-batches per batch (``pp > 1``; default 4).
+        stages_per_rank: stages each rank holds (looped schedules: default 2; V schedules: 2; else 1).
+        partition: ``"balanced"`` (profile every layer on an example micro-batch, then the contiguous
+            split minimising the slowest stage), ``"uniform"``, or layer counts per stage, e.g. ``[3, 5]``.
+        tp_plan: module name -> style (``colwise``, ``rowwise``, ``replicate``, ``sharded_norm``, ``pass``),
+            names relative to the network, e.g. ``{"5.1": "replicate"}``; overrides the automatic plan.
+        sync: ``"allreduce"`` (the only data-parallel mode that composes with pp/tp).
+        compression: ``None``, ``"fp16"`` or ``"bf16"`` on the data-parallel all-reduce.
+        module_attr: the LightningModule attribute holding the ``nn.Sequential`` (default: its only one).
+        record_timeline: time every pipeline task (Gantt chart, bubble).
+        gantt_path: if set, rank 0 draws the last training step's schedule there (PNG) at the end of
+            fit; a relative path is taken relative to the Trainer's ``default_root_dir``.
         timeout: seconds any collective may wait before the job ends with an error.
+        **kwargs: passed to Lightning's ``DDPStrategy`` (``process_group_backend``, ``start_method``, ...).
     """
 
     strategy_name = "distnn_hybrid"
+
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="lightning_distnn hybrid: dp x pp x tp on one DeviceMesh", override=True)
 
     def __init__(
         self,
@@ -79,75 +125,319 @@ class HybridStrategy(PipelineStrategy):
         module_attr: Optional[str] = None,
         record_timeline: bool = True,
         gantt_path: Optional[str] = None,
-        timeout: Union[None, int, float, timedelta] = None,
+        timeout: Timeout = None,
         **kwargs: Any,
     ) -> None:
         sync_name = str(sync).lower()
-        if sync_name in NOT_ON_HYBRID or (compression or "none").lower() in NOT_ON_HYBRID:
-            what = sync_name if sync_name in NOT_ON_HYBRID else str(compression).lower()
+        wire = None if compression is None else str(compression).lower()
+        wire = None if wire == "none" else wire
+        if sync_name in NOT_ON_HYBRID or wire in NOT_ON_HYBRID:
+            what = sync_name if sync_name in NOT_ON_HYBRID else wire
             raise ValueError(
-                f"HybridStrategy cannot use {what!r} on its data-parallel axis: {NOT_ON_HYBRID[what]}, and each "
-                "hybrid replica is split over pp x tp ranks. Use sync='allreduce' with compression None/'fp16'/'bf16', "
-                "or DataParallelStrategy for this sync mode."
+                f"{type(self).__name__} cannot use {what!r} on its data-parallel axis: {NOT_ON_HYBRID[what]}, and each "
+                "replica is split over pp x tp ranks. Use sync='allreduce' with compression None/'fp16'/'bf16', or "
+                "DataParallelStrategy / ParameterServerStrategy / LocalSGDStrategy for this sync mode."
             )
         if sync_name != "allreduce":
-            raise ValueError(f"Unknown sync={sync!r} for HybridStrategy; valid: 'allreduce'.")
-        if compression is not None and str(compression).lower() not in HYBRID_COMPRESSION:
+            raise ValueError(f"Unknown sync={sync!r} for {type(self).__name__}; valid: 'allreduce'.")
+        if wire not in DP_WIRE_DTYPES:
+            raise ValueError(f"Unknown compression={compression!r} for {type(self).__name__}; valid: None, 'fp16', 'bf16'.")
+        self.dp, self.pp, self.tp = _degree("dp", dp), _degree("pp", pp), _degree("tp", tp)
+        if pp == 1 and (schedule, microbatches, stages_per_rank) != (None, None, None):
             raise ValueError(
-                f"Unknown compression={compression!r} for HybridStrategy; valid: None, 'fp16', 'bf16'."
+                f"schedule={schedule!r}, microbatches={microbatches!r}, stages_per_rank={stages_per_rank!r} configure the "
+                "pipeline, and pp=1 has none: set pp > 1 (or -1), or leave them unset."
             )
-        for name, value in (("dp", dp), ("pp", pp), ("tp", tp)):
-            if not isinstance(value, int) or (value < 1 and value != -1):
-                raise ValueError(f"{name}={value!r} must be a positive integer, or -1 for 'the rest'.")
-        single_stage = pp == 1
-        super().__init__(
-            schedule=schedule or ("gpipe" if single_stage else "1f1b"),
-            microbatches=microbatches or (1 if single_stage else 4),
-            stages_per_rank=stages_per_rank,
-            partition="uniform" if single_stage and partition == "balanced" else partition,
-            pp=pp,
-            dp=dp,
-            module_attr=module_attr,
-            record_timeline=record_timeline and not single_stage,
-            gantt_path=gantt_path,
-            timeout=timeout,
-            **kwargs,
-        )
-        self.tp = tp
-        self.tp_plan = dict(tp_plan) if tp_plan is not None else None
+        if tp_plan is not None and not isinstance(tp_plan, Mapping):
+            raise TypeError(
+                f"the tensor-parallel plan must map module names to style names, got {type(tp_plan).__name__}: "
+                "e.g. {'0.0': 'colwise'}."
+            )
+        super().__init__(timeout=timeout, **kwargs)
+        self.schedule = schedule_name(schedule or "1f1b")
+        self.stages_per_rank = resolve_stages_per_rank(self.schedule, stages_per_rank)
+        microbatches = 4 if microbatches is None else microbatches
+        if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+            raise ValueError(f"microbatches={microbatches!r} must be a positive integer (micro-batches per batch).")
+        self.microbatches = microbatches
+        self.partition: Union[str, list[int]]
+        if isinstance(partition, str):
+            if partition.lower() not in PARTITION_METHODS:
+                raise ValueError(
+                    f"Unknown partition={partition!r}; valid: {', '.join(PARTITION_METHODS)}, or a list of layer "
+                    "counts per stage such as [3, 5]."
+                )
+            self.partition = partition.lower()
+        else:
+            self.partition = list(partition)
+            explicit(self.partition)  # validates the counts
+        self.tp_overrides = dict(tp_plan) if tp_plan is not None else None
         self.sync = sync_name
-        self.compression = None if compression in (None, "none") else str(compression).lower()
-        self.tp_plans: list = []
+        self.compression = wire
+        self.module_attr = module_attr
+        self.record_timeline = record_timeline
+        self.gantt_path = gantt_path
+        self.net: Optional[ParallelNet] = None
+        self._steps: Optional[PipelineSteps] = None
 
+    # ---- layout and contract ------------------------------------------------------------------
     @override
-    def _dims(self, world_size: int) -> ParallelDims:
+    def layout(self, world_size: int) -> ParallelDims:
         return ParallelDims(dp=self.dp, pp=self.pp, tp=self.tp, world_size=world_size)
 
-    @override
-    def _stage_transform(self, mesh):
-        """Shard each stage's layers over the ``tp`` axis (nothing to do at tp=1)."""
-        if self.parallel_dims.tp == 1:
-            return None
-        tp_mesh = mesh["tp"]
-
-        def shard(stage):
-            self.tp_plans.append(apply_tp(stage, tp_mesh, plan=self.tp_plan))
-            return stage
-
-        return shard
+    def num_stages(self, dims: Optional[ParallelDims] = None) -> int:
+        dims = dims or self.dims
+        return dims.pp * self.stages_per_rank if dims.pp > 1 else 1
 
     @override
-    def setup(self, trainer) -> None:
-        if self.parallel_dims.tp > 1 and trainer.gradient_clip_val:
+    def check_layout(self, dims: ParallelDims) -> None:
+        if dims.pp == 1:
+            return
+        stages = self.num_stages(dims)
+        check_microbatches(self.microbatches, self.microbatches, schedule=self.schedule, pp_size=dims.pp, num_stages=stages)
+        if isinstance(self.partition, list) and len(self.partition) != stages:
             raise ValueError(
-                f"gradient_clip_val={trainer.gradient_clip_val} with tp={self.parallel_dims.tp}: HybridStrategy clips "
-                "by the norm across pipeline stages, which does not yet include tensor-parallel shards. Clip with "
-                "tp=1 (dp x pp), or remove gradient_clip_val."
+                f"partition={self.partition} has {len(self.partition)} stages, but pp={dims.pp} x "
+                f"stages_per_rank={self.stages_per_rank} makes {stages}: give one layer count per stage."
             )
-        super().setup(trainer)
 
     @override
-    def _build(self, trainer) -> None:
-        super()._build(trainer)
-        self.pipeline.grad_compression = self.compression
+    def check_model(self, model: pl.LightningModule) -> None:
+        if not getattr(model, "automatic_optimization", True):
+            raise ValueError(
+                f"{type(model).__name__} uses manual optimisation; {type(self).__name__} runs the backward inside the "
+                "pipeline schedule / its gradient sync and needs automatic_optimization=True."
+            )
+        if any(isinstance(child, LocalLayers) for child in model.children()):
+            return  # already split by an earlier fit/validate of this strategy
+        _, net = sequential_of(model, self.module_attr)
+        dims = self.dims
+        if dims.pp == 1:
+            return
+        loss_fn_of(model)
+        stages = self.num_stages(dims)
+        if stages > len(net):
+            raise ValueError(
+                f"{stages} pipeline stages (pp={dims.pp} x stages_per_rank={self.stages_per_rank}) need at least "
+                f"{stages} layers, {type(model).__name__}'s nn.Sequential has {len(net)}: lower pp or "
+                "stages_per_rank, or split the network into more top-level blocks."
+            )
+        if isinstance(self.partition, list) and sum(self.partition) != len(net):
+            raise ValueError(
+                f"partition={self.partition} covers {sum(self.partition)} layers, the network has {len(net)}: "
+                f"the counts must add up to {len(net)}."
+            )
 
+    # ---- building --------------------------------------------------------------------------
+    @property
+    def pipeline(self):
+        """The pipeline runtime of this rank (``None`` when ``pp == 1`` or before setup)."""
+        return self.net.pipeline if self.net is not None else None
+
+    @property
+    def tp_plans(self) -> list:
+        """The tensor-parallel plan of every local stage (empty when ``tp == 1``)."""
+        return self.net.tp_plans if self.net is not None else []
+
+    def _stage_plan(self, trainer, module: pl.LightningModule, net: nn.Sequential, example: Optional[torch.Tensor]):
+        costs = None
+        if self.partition == "balanced":
+            if example is None:
+                raise ValueError(
+                    "partition='balanced' profiles each layer on an example micro-batch but found none. It is taken from "
+                    f"{ENTRY_POINTS}. Give one of these, or use partition='uniform' or a list of layer counts."
+                )
+            micro = example[: max(1, example.shape[0] // self.microbatches)]
+            box = [None]
+            if self.global_rank == 0:
+                box[0] = profile_layer_costs(net.to(self.root_device), micro.to(self.root_device))
+            dist.broadcast_object_list(box, src=0)  # one partition for all ranks
+            costs = box[0]
+        return make_plan(self.partition, len(net), self.num_stages(), costs=costs)
+
+    def _build(self, trainer: pl.Trainer) -> None:
+        module = self.lightning_module
+        attr, net = sequential_of(module, self.module_attr)
+        dims = self.parallel_dims
+        stage_plan = None
+        if dims.pp > 1:
+            example = example_inputs(trainer, module)
+            if example is not None:
+                check_forward_is_network(module, attr, example)
+            stage_plan = self._stage_plan(trainer, module, net, example)
+        self.net = parallelize(
+            net,
+            dims,
+            device=self.root_device,
+            loss_fn=loss_fn_of(module) if dims.pp > 1 else None,
+            stage_plan=stage_plan,
+            schedule=self.schedule,
+            microbatches=self.microbatches,
+            tp_plan=self.tp_overrides,
+            compression=self.compression,
+            record_timeline=self.record_timeline,
+        )
+        if dims.pp > 1:
+            setattr(module, attr, LocalLayers(OrderedDict(self.net.named_layers())))
+            self._steps = PipelineSteps(self.net, module, attr)
+        if dims.tp > 1:
+            set_device_mesh(module, self.device_mesh)
+        if self.global_rank == 0:
+            log.info("%s\n%s", self.describe(), "\n".join(str(p) for p in [stage_plan, *self.tp_plans[:1]] if p is not None))
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        self.accelerator.setup(trainer)
+        if self.net is None:
+            self._build(trainer)
+        self.model = self.lightning_module
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if trainer.state.fn == TrainerFn.FITTING:
+            if self.pipeline is not None:
+                self.pipeline.grad_divisor = float(self.microbatches * max(1, trainer.accumulate_grad_batches))
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if self.pipeline is not None:
+            if self.parallel_dims.tp > 1 and trainer.gradient_clip_val:
+                raise ValueError(
+                    f"gradient_clip_val={trainer.gradient_clip_val} with pp={self.parallel_dims.pp} x "
+                    f"tp={self.parallel_dims.tp}: clipping by the norm across pipeline stages does not yet include "
+                    "tensor-parallel shards. Clip with tp=1 (dp x pp) or pp=1 (dp x tp), or remove gradient_clip_val."
+                )
+            group = self.pipeline.group
+            plugin = self.precision_plugin
+            replace_norm_clipping(
+                plugin, lambda optimizer, clip_val: clip_grad_norm_across(list(plugin.main_params(optimizer)), float(clip_val), group=group)
+            )
+
+    # ---- steps: the network runs as a module (pp == 1) or through the pipeline (PipelineSteps) ------
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._steps is None:
+            return super().training_step(*args, **kwargs)
+        return self._steps.train(self.lightning_module.training_step, self.precision_plugin.train_step_context, *args, **kwargs)
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._steps is None:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        # the schedule already ran the backward of every micro-batch: only the hooks remain
+        module = self.lightning_module
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        self._steps.add_gradients()
+        return self.precision_plugin.post_backward(closure_loss, module)
+
+    @override
+    def pre_backward(self, closure_loss: torch.Tensor) -> None:
+        pass  # no DDP wrapper to prepare
+
+    @override
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        if self._steps is None and self.net is not None and self.net.grad_sync is not None:
+            self.net.grad_sync()
+
+    def _eval_step(self, hook: str, context, *args: Any, **kwargs: Any) -> Any:
+        if self._steps is None:
+            return getattr(super(), hook)(*args, **kwargs)
+        return self._steps.evaluate(getattr(self.lightning_module, hook), context, *args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step("validation_step", self.precision_plugin.val_step_context, *args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step("test_step", self.precision_plugin.test_step_context, *args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step("predict_step", self.precision_plugin.predict_step_context, *args, **kwargs)
+
+    # ---- Lightning checkpoint files (DCP directories: MeshStrategy) ---------------------------
+    @override
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        """A Lightning checkpoint file of the whole model: each rank takes its own layers' tensors."""
+        if self._loaded_distributed:
+            return
+        if self.parallel_dims is not None and self.parallel_dims.tp > 1:
+            raise ValueError(
+                f"{type(self).__name__} with tp={self.parallel_dims.tp} resumes from the distributed checkpoint "
+                "directories it saves (trainer.save_checkpoint / ModelCheckpoint under a lightning_distnn strategy); "
+                "this is a single-file Lightning checkpoint. Load its weights into an unsplit module "
+                "(LightningModule.load_from_checkpoint) and start a new fit, or resume from a DCP directory."
+            )
+        module = self.lightning_module
+        own = module.state_dict()
+        module.load_state_dict({k: v for k, v in checkpoint["state_dict"].items() if k in own}, strict=strict)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        if self._loaded_distributed:
+            return
+        if self.pipeline is None and self.parallel_dims.tp == 1:
+            return super().load_optimizer_state_dict(checkpoint)
+        raise ValueError(
+            f"{type(self).__name__} resumes optimizer state from the distributed checkpoint directories it saves "
+            "(trainer.save_checkpoint / ModelCheckpoint under this strategy); this is a single-file Lightning "
+            "checkpoint, whose optimizer state is indexed for the unsplit model. Load only its weights "
+            "(LightningModule.load_from_checkpoint) and start a new fit, or resume from a DCP directory."
+        )
+
+    # ---- observability -----------------------------------------------------------------------
+    @override
+    def describe(self) -> str:
+        dims = self.dims
+        parts = [str(dims)]
+        if dims.pp > 1:
+            partition = self.partition if isinstance(self.partition, str) else f"partition {self.partition}"
+            parts.append(f"{self.schedule}, m={self.microbatches}, {partition}")
+            if self.stages_per_rank > 1:
+                parts.append(f"{self.stages_per_rank} stages/rank")
+        if dims.tp > 1:
+            parts.append("user tp plan" if self.tp_overrides else "auto tp plan")
+        if dims.dp > 1 and self.compression:
+            parts.append(f"{self.compression} all-reduce")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def comm_bytes_per_step(self) -> dict[str, int]:
+        """Bytes this rank sends and receives per optimizer step, by kind (see
+        :meth:`~lightning_distnn.parallel.parallelize.ParallelNet.comm_bytes_per_step`); zero before the first batch."""
+        return self.net.comm_bytes_per_step() if self.net is not None else {"sent": 0, "received": 0}
+
+    def pipeline_bubble(self) -> dict[str, float]:
+        """Measured idle fraction of this rank in recent training steps, beside the theoretical one."""
+        if self.pipeline is None:
+            return {"measured": math.nan, "theory": math.nan}
+        return self.pipeline.bubble()
+
+    def gather_timeline(self) -> list:
+        """Task records of every rank for the recorded steps (a collective: all ranks call it)."""
+        records = self.pipeline.timeline.records if self.pipeline is not None else []
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, records)
+        return [r for part in parts for r in part]
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.gantt_path and self.pipeline is not None and self.record_timeline:
+            records = self.gather_timeline()
+            if self.global_rank == 0:
+                from lightning_distnn.pipeline_viz import plot_timeline
+
+                path = Path(self.gantt_path)
+                if not path.is_absolute():
+                    path = Path(self.lightning_module.trainer.default_root_dir) / path
+                plot_timeline(
+                    records,
+                    str(path),
+                    title=f"{self.schedule}, pp={self.parallel_dims.pp}, m={self.microbatches}",
+                    bubble=self.pipeline_bubble(),
+                )
+
+    @override
+    def teardown(self) -> None:
+        if self.net is not None:
+            self.net.close()
+        super().teardown()
