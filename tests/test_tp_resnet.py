@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, conv1x1, resnet18
 
-from lightning_distnn.parallel.tensor import apply_tp, leaves, plan_tp, sharded_parameter_numel
+from lightning_distnn.parallel.tensor import activation_numel, apply_tp, comm_bytes, leaves, plan_tp, sharded_parameter_numel
 from lightning_distnn.testing import assert_state_dicts_close, run_distributed
 from lightning_distnn.testing.equivalence import digits_tensors
 
@@ -84,6 +84,17 @@ def test_bottleneck_and_imagenet_resnet18_plans():
     imagenet = plan_tp(resnet18(num_classes=10), 4).styles()
     assert imagenet["conv1"] == "replicate" and imagenet["maxpool"] == "pass"
     assert imagenet["layer3.1.conv1"] == "colwise" and imagenet["layer3.1.conv2"] == "rowwise"
+
+
+def test_bytes_per_step_two_all_reduces_per_block():
+    net = cifar_resnet(width=8)
+    numel = activation_numel(net, torch.randn(4, 3, IMAGE, IMAGE))
+    assert numel["layer2.0.conv1"] == (4 * 8 * IMAGE * IMAGE, 4 * 16 * (IMAGE // 2) ** 2)  # stride 2
+    # per block: conv2's output all-reduced forward, conv1's input gradient all-reduced backward;
+    # an all-reduce of n bytes over tp ranks sends 2 (tp-1)/tp n
+    tp = 4
+    expected = sum(2 * (tp - 1) / tp * 4 * (numel[f"{b}.conv2"][1] + numel[f"{b}.conv1"][0]) for b in _blocks(net))
+    assert comm_bytes(plan_tp(net, tp), numel) == {"sent": round(expected), "received": round(expected)}
 
 
 def test_user_plans_and_refusals_name_the_module():

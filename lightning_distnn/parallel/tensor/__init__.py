@@ -10,14 +10,14 @@ Pure torch on ``DeviceMesh``/``DTensor``, by concern:
   chain of children, residual blocks with their branch and shortcut).
 * :mod:`.rules`: the automatic plan as a table of rules per module kind.
 * :mod:`.plan`: :class:`TPPlan` (plain data, prints as a table), :func:`plan_tp`, :func:`apply_tp`.
-* :mod:`.accounting`: :func:`comm_bytes`, :func:`sharded_parameter_numel`.
+* :mod:`.accounting`: :func:`comm_bytes`, :func:`sharded_parameter_numel`, :func:`activation_numel`.
 * :mod:`._private`: the private torch APIs touched, one function each.
 
 Activation layouts between modules are plain local tensors; the plan records them as
 ``replicate``, ``shard(1)`` (channels of an NCHW tensor) or ``shard(-1)`` (features).
 """
 
-from lightning_distnn.parallel.tensor.accounting import comm_bytes, sharded_parameter_numel
+from lightning_distnn.parallel.tensor.accounting import activation_numel, comm_bytes, sharded_parameter_numel
 from lightning_distnn.parallel.tensor.data import REPLICATE, SHARD_CHANNELS, SHARD_FEATURES, STYLES, PlanEntry, TPPlan
 from lightning_distnn.parallel.tensor.plan import apply_tp, plan_tp
 from lightning_distnn.parallel.tensor.rules import RULES, rules_table
@@ -38,6 +38,7 @@ __all__ = [
     "PlanEntry",
     "RowwiseConv",
     "TPPlan",
+    "activation_numel",
     "apply_tp",
     "comm_bytes",
     "leaves",

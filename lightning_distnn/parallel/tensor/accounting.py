@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Mapping
 
+import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from lightning_distnn.parallel.tensor.data import REPLICATE, TPPlan
+from lightning_distnn.parallel.tensor.walk import leaves
 
-__all__ = ["comm_bytes", "sharded_parameter_numel"]
+__all__ = ["activation_numel", "comm_bytes", "sharded_parameter_numel"]
 
 
 def sharded_parameter_numel(module: nn.Module) -> tuple[int, int]:
@@ -59,3 +62,26 @@ def comm_bytes(plan: TPPlan, activation_numel: Mapping[str, tuple[int, int]], *,
             if e.input == REPLICATE and grad_in:
                 total += ring * n_in  # gradient all-gather backward
     return {"sent": int(round(total)), "received": int(round(total))}
+
+
+def activation_numel(module: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """(input, output) elements of every Conv2d/Linear of an *unsharded* ``module`` on input ``x``.
+
+    The argument :func:`comm_bytes` takes, measured on one process before sharding: one forward
+    without gradients in eval mode on a copy (so BatchNorm running statistics are not touched).
+    """
+    numel: dict[str, tuple[int, int]] = {}
+    probe = copy.deepcopy(module).eval()
+    hooks = []
+    for name, child in leaves(probe):
+        if isinstance(child, (nn.Conv2d, nn.Linear)):
+            def record(mod, inputs, output, name=name):
+                numel[name] = (inputs[0].numel(), output.numel())
+            hooks.append(child.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            probe(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return numel
