@@ -10,19 +10,39 @@ from __future__ import annotations
 
 import contextlib
 import random
+from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 # -- Lightning ---------------------------------------------------------------------------------
 
-# FeatureParallelStrategy.setup: move optimizer state to the device, as DDPStrategy.setup does.
-# If it moves or is renamed: ImportError at import time (loud, not silent).
-from lightning.fabric.utilities.optimizer import _optimizers_to_device  # noqa: E402,F401
+# (Lightning is imported inside the functions: lightning_distnn.parallel, which uses the torch
+# entries below, stays importable with torch alone.)
 
-# ParameterServerStrategy: broadcast rank 0's parameters when the model is not DDP-wrapped.
-# If it moves: ImportError at import time.
-from lightning.pytorch.overrides.distributed import _sync_module_states  # noqa: E402,F401
+
+def optimizers_to_device(optimizers, device) -> None:
+    """FeatureParallelStrategy.setup: move optimizer state to the device, as DDPStrategy.setup does
+    (``lightning.fabric.utilities.optimizer._optimizers_to_device``, Lightning 2.0-2.6). If it moves
+    or is renamed: ImportError at the first setup (loud, not silent)."""
+    from lightning.fabric.utilities.optimizer import _optimizers_to_device
+
+    _optimizers_to_device(optimizers, device)
+
+
+def sync_module_states(module) -> None:
+    """ParameterServerStrategy: broadcast rank 0's parameters and buffers when the model is not
+    DDP-wrapped (``lightning.pytorch.overrides.distributed._sync_module_states``, Lightning 2.0-2.6).
+    If it moves: ImportError at the first setup."""
+    from lightning.pytorch.overrides.distributed import _sync_module_states
+
+    _sync_module_states(module)
+
+
+def strategy_timeout(strategy) -> "timedelta":
+    """The timeout a Lightning ``DDPStrategy`` was built with (its ``_timeout``, Lightning 2.0-2.6; the
+    base class sets it from our ``timeout`` argument). If renamed: AttributeError at setup."""
+    return strategy._timeout
 
 
 def skip_per_batch_sigterm_broadcast(trainer) -> None:
@@ -110,9 +130,41 @@ def preserved_rng() -> Iterator[None]:
                 np.random.set_state(np_state)
 
 
-# -- torch -------------------------------------------------------------------------------------
-# DTensor's local shard: public ``DTensor.to_local()`` is used everywhere (it returns a view of the
-# shard, so in-place updates under no_grad reach the DTensor).
-# The pipeline timeline wraps ``PipelineStage.forward_one_chunk``/``backward_one_chunk``/
-# ``backward_weight_one_chunk`` and the TP styles swap a module's ``__class__``: see
-# ``record_stage_tasks`` and ``swap_forward`` below once those modules route through here.
+# -- torch ---------------------------------------------------------------------------------------
+# DTensor's local shard: public ``DTensor.to_local()`` is used everywhere (under no_grad it returns a
+# view of the shard, so in-place updates reach the DTensor).
+#
+# Structural, not a function: the tensor-parallel styles subclass
+# ``torch.distributed.tensor.parallel.ParallelStyle`` and implement its abstract ``_apply(module,
+# device_mesh)`` and read its ``src_data_rank`` attribute, which is how ``parallelize_module`` calls a
+# style (torch's own ``ColwiseParallel`` does the same). If ``parallelize_module`` stops calling
+# ``_apply``, ``apply_tp`` raises ``TypeError`` (abstract class) or leaves layers unsharded; the
+# equivalence tests in ``tests/test_tensor_parallel.py`` catch both.
+
+_SWAPPED: dict = {}
+
+
+def swap_forward(module, tag: str, forward: Callable) -> None:
+    """Give ``module`` a cached subclass named ``{tag}{Base}`` whose ``forward`` is ``forward``.
+
+    Assigns ``module.__class__`` (FSDP2's ``fully_shard`` does the same). The module keeps its
+    parameters, hooks, ``repr`` and ``isinstance(module, Base)``; only the forward changes. Checked:
+    torch 2.14.1. If ``nn.Module`` ever forbids ``__class__`` assignment, this raises ``TypeError`` at
+    ``apply_tp``; the fallback is a wrapping parent module, which changes state-dict keys (checkpoints).
+    """
+    base = type(module)
+    key = (base, tag)
+    if key not in _SWAPPED:
+        _SWAPPED[key] = type(f"{tag}{base.__name__}", (base,), {"forward": forward, "__module__": base.__module__})
+    module.__class__ = _SWAPPED[key]
+
+
+def conv2d_forward(conv, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``conv`` applied to ``x`` with the given (local shard) ``weight`` and ``bias``.
+
+    Uses ``nn.Conv2d._conv_forward(input, weight, bias)``, which applies the layer's stride, dilation,
+    groups and padding, including ``padding_mode`` other than ``"zeros"``. Checked: torch 2.14.1
+    (present since 1.8). If renamed, every sharded convolution fails with ``AttributeError`` at its
+    first forward; the replacement is ``F.conv2d`` with those attributes and an explicit ``F.pad``.
+    """
+    return conv._conv_forward(x, weight, bias)

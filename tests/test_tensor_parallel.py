@@ -196,3 +196,93 @@ def test_dp2_x_tp2_matches_single_process():
     for r in results:
         assert r["dims"] == {"dp": 2, "pp": 1, "tp": 2}
         assert_state_dicts_close(r["state"], expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# the rule table makes the same plans as the state machine it replaced (golden tables)
+# --------------------------------------------------------------------------------------------
+GOLDEN = __import__("pathlib").Path(__file__).with_name("tp_plans_golden.json")
+_VOCAB = ["conv", "conv_odd", "conv_g", "lin", "lin_odd", "relu", "identity", "maxpool", "avgpool", "adapt",
+          "flatten", "flatten2", "bn", "bn_odd", "bn1d", "ln", "gn", "drop0", "drop", "custom", "seq"]
+_STYLE_CHOICES = ("colwise", "rowwise", "replicate", "sharded_norm", "pass")
+
+
+class Custom(nn.Module):  # the golden tables name its kind "Custom"
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def _vocab_module(token: str, c: int = 8) -> nn.Module:
+    return {
+        "conv": lambda: nn.Conv2d(c, 8, 3, padding=1), "conv_odd": lambda: nn.Conv2d(c, 6, 3, padding=1),
+        "conv_g": lambda: nn.Conv2d(c, 8, 3, padding=1, groups=2), "lin": lambda: nn.Linear(c, 8),
+        "lin_odd": lambda: nn.Linear(c, 6), "relu": nn.ReLU, "identity": nn.Identity,
+        "maxpool": lambda: nn.MaxPool2d(2), "avgpool": lambda: nn.AvgPool2d(2), "adapt": lambda: nn.AdaptiveAvgPool2d(1),
+        "flatten": nn.Flatten, "flatten2": lambda: nn.Flatten(2), "bn": lambda: nn.BatchNorm2d(8),
+        "bn_odd": lambda: nn.BatchNorm2d(6), "bn1d": lambda: nn.BatchNorm1d(8), "ln": lambda: nn.LayerNorm(8),
+        "gn": lambda: nn.GroupNorm(2, 8), "drop0": lambda: nn.Dropout(0.0), "drop": lambda: nn.Dropout(0.5),
+        "custom": Custom, "seq": lambda: nn.Sequential(nn.Conv2d(c, 8, 1), nn.ReLU()),
+    }[token]()
+
+
+def _random_net(rng) -> nn.Sequential:
+    n = rng.randint(1, 9)
+    mods = [_vocab_module(rng.choice(_VOCAB)) for _ in range(n)]
+    if rng.random() < 0.5 and n > 2:  # nest a slice
+        i = rng.randint(0, n - 2)
+        j = rng.randint(i + 1, n)
+        mods = mods[:i] + [nn.Sequential(*mods[i:j])] + mods[j:]
+    return nn.Sequential(*mods)
+
+
+def _golden_cases():
+    """(label, network factory, tp, user plan): the networks the tests plan, slices, overrides, random nets."""
+    import random
+
+    from lightning_distnn.models import CaseStudyCNN
+
+    out = []
+    for tp in (1, 2, 3, 4, 5):
+        out.append((f"tiny tp{tp}", lambda: tiny_classifier(**WIDTH).net, tp, None))
+        out.append((f"seednet tp{tp}", SeedNet, tp, None))
+        out.append((f"casestudy tp{tp}", lambda: CaseStudyCNN(conv_filters=20, fc_width=40, image_size=16), tp, None))
+    tiny = tiny_classifier(**WIDTH).net
+    for i in range(len(tiny)):
+        for j in range(i + 1, len(tiny) + 1):
+            out.append((f"tiny[{i}:{j}] tp2", lambda i=i, j=j: nn.Sequential(*list(tiny_classifier(**WIDTH).net)[i:j]),
+                        2, None))
+    for name in [n for n, m in tiny.named_modules() if n and not isinstance(m, nn.Sequential)]:
+        for style in _STYLE_CHOICES:
+            out.append((f"tiny {name}={style} tp2", lambda: tiny_classifier(**WIDTH).net, 2, {name: style}))
+    rng = random.Random(14)
+    for k in range(150):
+        seed, tp = rng.randrange(10**6), rng.choice((2, 2, 2, 4))
+        r = random.Random(seed)
+        net = _random_net(r)
+        names = [n for n, m in net.named_modules() if n and not isinstance(m, nn.Sequential)]
+        plan = None
+        if names and r.random() < 0.5:
+            plan = {r.choice(names): r.choice(_STYLE_CHOICES) for _ in range(r.randint(1, 2))}
+        out.append((f"random{k} seed{seed} tp{tp}", lambda seed=seed: _random_net(random.Random(seed)), tp, plan))
+    return out
+
+
+def test_rule_table_reproduces_the_golden_plans():
+    """Styles and layouts of every row (and every error message) equal the tables of the state machine."""
+    import json
+
+    golden = json.loads(GOLDEN.read_text())
+    cases = _golden_cases()
+    assert len(cases) == len(golden) == 301
+    for label, factory, tp, plan in cases:
+        want = golden[label]
+        assert want["plan"] == plan, label
+        try:
+            got = {"rows": [" ".join((e.name, e.kind, e.style, e.input, e.output)) for e in plan_tp(factory(), tp, plan=plan).entries]}
+        except (TypeError, ValueError) as exc:
+            got = {"error": f"{type(exc).__name__}: {exc}"}
+        assert got == {k: v for k, v in want.items() if k != "plan"}, label

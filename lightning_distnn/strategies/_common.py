@@ -99,16 +99,18 @@ def swapped_child(module: nn.Module, name: str, replacement: nn.Module):
 
 
 class _Spy(nn.Module):
-    """Stands in for the network: records what it is called with and returns a marker."""
+    """Wraps the network: records what it is called with and what it returns."""
 
-    def __init__(self, output: torch.Tensor) -> None:
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.output = output
+        self.net = net
         self.calls: list[tuple] = []
+        self.outputs: list[Any] = []
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.calls.append(args)
-        return self.output
+        self.outputs.append(self.net(*args, **kwargs))
+        return self.outputs[-1]
 
 
 def check_forward_is_network(module: nn.Module, attr: str, example: torch.Tensor) -> None:
@@ -117,13 +119,13 @@ def check_forward_is_network(module: nn.Module, attr: str, example: torch.Tensor
     Under pipeline parallelism the first stage receives the batch's inputs as they are and the
     module's output is the last stage's output, so preprocessing before the network, a head after
     it, or a second call would be skipped silently. Checked once, before the first step, by
-    running ``forward`` with the network replaced by a marker.
+    running ``forward`` on an example with the network wrapped by a recorder.
     """
-    spy = _Spy(torch.zeros(1))
+    spy = _Spy(getattr(module, attr))
     with swapped_child(module, attr, spy), torch.no_grad():
         out = module(example)
     passed_through = len(spy.calls) == 1 and len(spy.calls[0]) == 1 and spy.calls[0][0] is example
-    if not (passed_through and out is spy.output):
+    if not (passed_through and out is spy.outputs[0]):
         what = (
             f"calls self.{attr} {len(spy.calls)} times" if len(spy.calls) != 1
             else f"changes the input before self.{attr}" if not passed_through

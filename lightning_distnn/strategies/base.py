@@ -31,7 +31,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
-from lightning_distnn._compat import check_model_before_launch
+from lightning_distnn._compat import check_model_before_launch, strategy_timeout
 from lightning_distnn.checkpoint import is_distributed_checkpoint, load_distributed, save_distributed
 from lightning_distnn.mesh import Axis, ParallelDims, device_type_of
 from lightning_distnn.strategies._common import Timeout, as_timedelta, world_size_of
@@ -86,7 +86,7 @@ class MeshStrategy(DDPStrategy):
         super().setup_environment()
         self.parallel_dims = self.layout(self.world_size)
         self.check_layout(self.parallel_dims)
-        self.parallel_dims.build_mesh(device_type_of(self.root_device), timeout=self._timeout)
+        self.parallel_dims.build_mesh(device_type_of(self.root_device), timeout=strategy_timeout(self))
 
     @property
     def device_mesh(self):

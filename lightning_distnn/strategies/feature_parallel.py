@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from lightning_distnn._compat import _optimizers_to_device
+from lightning_distnn._compat import optimizers_to_device
 from lightning_distnn.mesh import Axis, ParallelDims
 from lightning_distnn.parallel.feature import SplitNet, apply_feature_parallel, average_gradients
 from lightning_distnn.partition.features import FeatureSliceDataset
@@ -113,7 +113,7 @@ class FeatureParallelStrategy(MeshStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
+            optimizers_to_device(self.optimizers, self.root_device)
 
     @override
     def _setup_model(self, model):

@@ -24,7 +24,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from lightning_distnn._compat import _sync_module_states, skip_per_batch_sigterm_broadcast
+from lightning_distnn._compat import skip_per_batch_sigterm_broadcast, strategy_timeout, sync_module_states
 from lightning_distnn.parallel.param_server import PS_MODES, ParameterServerGroup, plan_shards, split_roles
 from lightning_distnn.strategies._common import Timeout
 from lightning_distnn.strategies.data_parallel import DataParallelBase
@@ -106,7 +106,7 @@ class ParameterServerStrategy(DataParallelBase):
 
     @override
     def configure_ddp(self) -> None:
-        _sync_module_states(self.model)  # every replica starts from rank 0's weights; no DDP wrapper
+        sync_module_states(self.model)  # every replica starts from rank 0's weights; no DDP wrapper
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -138,7 +138,7 @@ class ParameterServerStrategy(DataParallelBase):
             max_staleness=self.max_staleness,
             colocated=True,  # the server runs in a thread on dedicated ranks too (see training_step)
             counter=self.comm_counter,
-            timeout=self._timeout.total_seconds(),
+            timeout=strategy_timeout(self).total_seconds(),
         )
         if self.ps_mode == "async":
             skip_per_batch_sigterm_broadcast(trainer)  # else Lightning's per-batch broadcast keeps workers in step

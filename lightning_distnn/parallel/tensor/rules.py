@@ -1,0 +1,217 @@
+"""The automatic plan's rules: one row per module kind.
+
+A rule says which incoming activation layouts a kind takes as they are (any other is gathered
+first: the column-wise layer that produced the shard all-gathers its output), which style the
+module gets given that layout (and the user's choice), and the layout it hands on. The planner
+(:func:`lightning_distnn.parallel.tensor.plan.plan_tp`) only threads the layout through the walk and
+applies these rows; ``print(rules_table())`` shows them.
+
+==================  ====================  ===========================================================
+kind                takes                 style given the incoming layout -> layout out
+==================  ====================  ===========================================================
+Conv2d              replicate, shard(1)   replicate in: colwise -> shard(1) if out_channels divide by
+                                          tp and a Conv2d/Linear follows before the next residual
+                                          block, else replicate; shard(1) in: rowwise -> replicate
+Linear              replicate, shard(-1)  as Conv2d on features
+elementwise         any                   pass, layout unchanged
+pooling             replicate, shard(1)   pass, layout unchanged
+Dropout             any                   pass; refused with p>0 on a replicated activation
+Flatten             any                   shard(1) in, Flatten(1, -1): pass -> shard(-1); else whole
+BatchNorm1d/2d      any                   shard in: sharded_norm; replicate in: replicate
+residual block      replicate             its branch planned by these rules and gathered before the
+                                          add; the shortcut replicated -> replicate
+anything else       replicate             replicate (pass if it has no parameters)
+==================  ====================  ===========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import nn
+
+from lightning_distnn.parallel.tensor.data import REPLICATE, SHARD_CHANNELS, SHARD_FEATURES
+from lightning_distnn.parallel.tensor.styles import CHANNEL_NORMS
+from lightning_distnn.parallel.tensor.walk import residual_of
+
+__all__ = ["RULES", "Decision", "Rule", "Step", "rule_for", "rules_table"]
+
+ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity,
+)
+POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)
+DROPOUTS = (nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
+_WHOLE_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_ANY = frozenset({REPLICATE, SHARD_CHANNELS, SHARD_FEATURES})
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a rule sees: one module, the layout of its input, the user's style for it (or ``None``)."""
+
+    name: str
+    module: nn.Module
+    layout: str
+    user: Optional[str]
+    tp: int
+    first: bool  # the network's first module (its input is the data, never a shard)
+    no_partner: Optional[str]  # why no Conv2d/Linear can pair with this one; None when one can
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A rule's answer: the style, the layout out, a note; ``whole`` = the reason it needs the whole input."""
+
+    style: str
+    output: str
+    note: str = ""
+    whole: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of the table: which modules, which layouts they take, which styles a user may give."""
+
+    kind: str
+    matches: Callable[[nn.Module], bool]
+    takes: frozenset
+    user_styles: tuple[str, ...]
+    decide: Callable[[Step], Decision]
+    expands: bool = False  # a residual block: the planner walks its branch and shortcut
+
+
+def _on_shard(step: Step) -> Decision:
+    return Decision("pass", step.layout, "runs on the shard" if step.layout != REPLICATE else "")
+
+
+def _weights(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _matmul(step: Step) -> Decision:
+    """Conv2d and Linear: colwise on a replicated input (when it pays off), rowwise on a shard."""
+    m, tp, user = step.module, step.tp, step.user
+    conv = isinstance(m, nn.Conv2d)
+    shard = SHARD_CHANNELS if conv else SHARD_FEATURES
+    out_size, in_size = (m.out_channels, m.in_channels) if conv else (m.out_features, m.in_features)
+    unit = "channels" if conv else "features"
+    shardable = not (conv and m.groups != 1)
+    note = ""
+    if user is None:
+        if not shardable:
+            style, note = "replicate", f"not sharded: grouped convolution (groups={m.groups})"
+        elif step.layout != REPLICATE:
+            style = "rowwise"
+        elif out_size % tp:
+            style, note = "replicate", f"not sharded: out_{unit}={out_size} not divisible by tp={tp}"
+        elif step.no_partner is not None:
+            style = "replicate"
+            note = f"replicated ({_weights(m):,} weights): {step.no_partner}; sharding it would all-gather its output"
+        else:
+            style = "colwise"
+    else:
+        style = user
+        if style != "replicate" and not shardable:
+            raise ValueError(f"plan[{step.name!r}]={style!r}: a Conv2d with groups={m.groups} cannot be "
+                             "sharded; plan it 'replicate'.")
+        need = out_size if style == "colwise" else in_size
+        if style != "replicate" and need % tp:
+            what = ("out_" if style == "colwise" else "in_") + unit
+            raise ValueError(
+                f"plan[{step.name!r}]={style!r} splits {what}={need} over tp={tp}, which does not divide it: "
+                f"plan it 'replicate' or pick tp dividing {need}."
+            )
+        note = "not sharded (user plan)" if style == "replicate" else ""
+    if style == "replicate":
+        return Decision("replicate", REPLICATE, note, whole=f"{step.name!r} (replicate)")
+    if style == "colwise":
+        return Decision("colwise", shard, "input gathered (all-gather)" if step.layout != REPLICATE else "")
+    return Decision("rowwise", REPLICATE, "input split locally" if step.layout == REPLICATE else "")
+
+
+def _dropout(step: Step) -> Decision:
+    p = step.module.p
+    if p > 0 and step.layout == REPLICATE and not step.first and step.tp > 1:
+        raise ValueError(
+            f"{step.name!r} ({step.kind}, p={p}) acts on a replicated activation: each rank would drop different "
+            "elements of what must stay identical. Move it right after a column-wise layer (a sharded "
+            "activation), or set p=0."
+        )
+    return _on_shard(step)
+
+
+def _flatten(step: Step) -> Decision:
+    m = step.module
+    if step.layout == SHARD_CHANNELS and m.start_dim == 1 and m.end_dim == -1:
+        return Decision("pass", SHARD_FEATURES, "channel shard = contiguous feature block")
+    return Decision("pass", REPLICATE, whole=f"{step.name!r} (Flatten(start_dim={m.start_dim}, end_dim={m.end_dim}))")
+
+
+def _channel_norm(step: Step) -> Decision:
+    m, tp = step.module, step.tp
+    want = step.user or ("sharded_norm" if step.layout != REPLICATE else "replicate")
+    if want != "sharded_norm":
+        return Decision(want, REPLICATE, whole=f"{step.name!r} (replicate)")
+    if step.layout == REPLICATE:
+        raise ValueError(
+            f"plan[{step.name!r}]='sharded_norm' needs a channel-sharded input, but its input is replicated: "
+            "plan the layer before it 'colwise' or this one 'replicate'."
+        )
+    if m.num_features % tp:
+        return Decision("replicate", REPLICATE, f"not sharded: num_features={m.num_features} not divisible by tp={tp}",
+                        whole=f"{step.name!r} (num_features={m.num_features} not divisible by tp={tp})")
+    return Decision("sharded_norm", step.layout, "per-channel statistics on the shard")
+
+
+def _residual(step: Step) -> Decision:
+    return Decision("pass", REPLICATE, "residual add and ReLU on whole tensors",
+                    whole=f"{step.name!r} ({step.kind}: its shortcut needs the whole input)")
+
+
+def _whole(step: Step) -> Decision:
+    known = isinstance(step.module, _WHOLE_NORMS)
+    has_params = any(True for _ in step.module.parameters())
+    return Decision("replicate" if has_params else "pass", REPLICATE,
+                    "needs the whole activation" if known else "unknown module: runs unsharded",
+                    whole=f"{step.name!r} ({step.kind})")
+
+
+_MATMUL_STYLES = ("colwise", "rowwise", "replicate")
+_OTHER_STYLES = ("pass", "replicate", "sharded_norm")
+
+#: The table, first match wins; the last row matches every module.
+RULES: tuple[Rule, ...] = (
+    Rule("Conv2d", lambda m: isinstance(m, nn.Conv2d), frozenset({REPLICATE, SHARD_CHANNELS}), _MATMUL_STYLES, _matmul),
+    Rule("Linear", lambda m: isinstance(m, nn.Linear), frozenset({REPLICATE, SHARD_FEATURES}), _MATMUL_STYLES, _matmul),
+    Rule("elementwise", lambda m: isinstance(m, ELEMENTWISE), _ANY, _OTHER_STYLES, _on_shard),
+    Rule("pooling", lambda m: isinstance(m, POOLS), frozenset({REPLICATE, SHARD_CHANNELS}), _OTHER_STYLES, _on_shard),
+    Rule("Dropout", lambda m: isinstance(m, DROPOUTS), _ANY, _OTHER_STYLES, _dropout),
+    Rule("Flatten", lambda m: isinstance(m, nn.Flatten), _ANY, _OTHER_STYLES, _flatten),
+    Rule("BatchNorm1d/2d", lambda m: isinstance(m, CHANNEL_NORMS), _ANY, _OTHER_STYLES, _channel_norm),
+    Rule("residual block", lambda m: residual_of(m) is not None, frozenset({REPLICATE}), ("pass", "replicate"),
+         _residual, expands=True),
+    Rule("anything else", lambda m: True, frozenset({REPLICATE}), _OTHER_STYLES, _whole),
+)
+
+#: The row a residual block the user plans 'replicate' falls back to (kept whole, not sharded inside).
+WHOLE = RULES[-1]
+
+
+def rule_for(module: nn.Module) -> Rule:
+    """The first row of :data:`RULES` that matches ``module``."""
+    return next(rule for rule in RULES if rule.matches(module))
+
+
+def rules_table() -> str:
+    """The rules as a text table (kind, layouts taken as they are, styles a user plan may give)."""
+    rows = [("kind", "takes", "user styles")] + [
+        (r.kind, ", ".join(sorted(r.takes)), ", ".join(r.user_styles)) for r in RULES
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)

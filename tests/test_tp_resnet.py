@@ -1,0 +1,201 @@
+"""Tensor parallelism on torchvision ResNets: one all-reduce per residual block, exact BatchNorm, tp=2 equivalence."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, conv1x1, resnet18
+
+from lightning_distnn.parallel.tensor import activation_numel, apply_tp, comm_bytes, leaves, plan_tp, sharded_parameter_numel
+from lightning_distnn.testing import assert_state_dicts_close, run_distributed
+from lightning_distnn.testing.equivalence import digits_tensors
+
+STEPS, BATCH, IMAGE = 3, 8, 16
+
+
+def cifar_resnet(block=BasicBlock, layers=(2, 2, 2, 2), *, width: int = 64, num_classes: int = 10, seed: int = 0) -> ResNet:
+    """torchvision's ResNet with a CIFAR stem (conv1 3x3 stride 1, no maxpool) and widths ``width * 2**i``.
+
+    A torchvision ``ResNet`` instance (its forward unchanged); ``width=64`` and ``BasicBlock, (2, 2, 2, 2)``
+    is ResNet-18 for CIFAR.
+    """
+    torch.manual_seed(seed)
+    net = ResNet(block, list(layers), num_classes=num_classes)
+    net.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    net.maxpool = nn.Identity()
+    inplanes = width
+    for i, n in enumerate(layers):
+        planes, stride = width * 2**i, 1 if i == 0 else 2
+        down = None
+        if stride != 1 or inplanes != planes * block.expansion:
+            down = nn.Sequential(conv1x1(inplanes, planes * block.expansion, stride),
+                                 nn.BatchNorm2d(planes * block.expansion))
+        blocks = [block(inplanes, planes, stride, down)]
+        inplanes = planes * block.expansion
+        blocks += [block(inplanes, planes) for _ in range(1, n)]
+        setattr(net, f"layer{i + 1}", nn.Sequential(*blocks))
+    net.fc = nn.Linear(inplanes, num_classes)
+    return net
+
+
+def _blocks(net: ResNet) -> list[str]:
+    return [f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(net, f"layer{i}")))]
+
+
+def test_basic_block_plan_one_all_reduce_per_block():
+    net = cifar_resnet(width=16)
+    plan = plan_tp(net, 2)
+    styles = plan.styles()
+    blocks = _blocks(net)
+    assert len(blocks) == 8
+    for b in blocks:
+        assert styles[f"{b}.conv1"] == "colwise" and styles[f"{b}.bn1"] == "sharded_norm"
+        assert styles[f"{b}.conv2"] == "rowwise" and styles[f"{b}.bn2"] == "replicate"
+        assert styles[b] == "pass"
+    # one row-wise conv (the forward all-reduce) per block, no gathers anywhere
+    assert sum(e.style == "rowwise" for e in plan.entries) == len(blocks)
+    assert not any("gathered" in e.note for e in plan.entries)
+    # stride-2 convolutions are sharded too (the local convolution runs on the shard)
+    assert net.layer2[0].conv1.stride == (2, 2) and styles["layer2.0.conv1"] == "colwise"
+    # the shortcut, the stem and the classifier stay whole, with the reason
+    by_name = {e.name: e for e in plan.entries}
+    for name in ("layer2.0.downsample", "layer3.0.downsample", "layer4.0.downsample"):
+        assert by_name[name].style == "replicate" and "shortcut replicated" in by_name[name].note
+    assert by_name["conv1"].style == "replicate" and "before 'layer1.0'" in by_name["conv1"].note
+    assert by_name["fc"].style == "replicate" and "network output" in by_name["fc"].note
+    assert by_name["(torch.flatten)"].kind == "Flatten"  # the functional glue of ResNet.forward
+    # forward order of the chain of children, and leaves() names exactly the plan's rows
+    assert [e.name for e in plan.entries][:5] == ["conv1", "bn1", "relu", "maxpool", "layer1.0.conv1"]
+    assert [name for name, _ in leaves(net)] == [e.name for e in plan.entries]
+    text = str(plan)
+    assert "residual add and ReLU on whole tensors" in text and "per-channel statistics on the shard" in text
+
+
+def test_bottleneck_and_imagenet_resnet18_plans():
+    plan = plan_tp(cifar_resnet(Bottleneck, (1, 1, 1, 1), width=8), 2)
+    styles = plan.styles()
+    for b in ("layer1.0", "layer4.0"):
+        assert [styles[f"{b}.conv{i}"] for i in (1, 2, 3)] == ["colwise", "rowwise", "replicate"]
+        assert styles[f"{b}.bn1"] == "sharded_norm"
+    assert sum(e.style == "rowwise" for e in plan.entries) == 4
+    # torchvision's own resnet18 (7x7 stride-2 stem, maxpool): the same block structure
+    imagenet = plan_tp(resnet18(num_classes=10), 4).styles()
+    assert imagenet["conv1"] == "replicate" and imagenet["maxpool"] == "pass"
+    assert imagenet["layer3.1.conv1"] == "colwise" and imagenet["layer3.1.conv2"] == "rowwise"
+
+
+def test_bytes_per_step_two_all_reduces_per_block():
+    net = cifar_resnet(width=8)
+    numel = activation_numel(net, torch.randn(4, 3, IMAGE, IMAGE))
+    assert numel["layer2.0.conv1"] == (4 * 8 * IMAGE * IMAGE, 4 * 16 * (IMAGE // 2) ** 2)  # stride 2
+    # per block: conv2's output all-reduced forward, conv1's input gradient all-reduced backward;
+    # an all-reduce of n bytes over tp ranks sends 2 (tp-1)/tp n
+    tp = 4
+    expected = sum(2 * (tp - 1) / tp * 4 * (numel[f"{b}.conv2"][1] + numel[f"{b}.conv1"][0]) for b in _blocks(net))
+    assert comm_bytes(plan_tp(net, tp), numel) == {"sent": round(expected), "received": round(expected)}
+
+
+def test_user_plans_and_refusals_name_the_module():
+    net = cifar_resnet(width=8, layers=(1, 1, 1, 1))
+    whole = plan_tp(net, 2, plan={"layer1.0": "replicate"})
+    assert whole.styles()["layer1.0"] == "replicate" and "layer1.0.conv1" not in whole.styles()
+    with pytest.raises(ValueError, match=r"'layer1\.0\.conv1'.*keeps whole.*drop one"):
+        plan_tp(net, 2, plan={"layer1.0": "replicate", "layer1.0.conv1": "colwise"})
+    with pytest.raises(ValueError, match=r"plan\['layer2\.0\.downsample'\]='colwise'.*shortcut.*remove it"):
+        plan_tp(net, 2, plan={"layer2.0.downsample": "colwise"})
+    with pytest.raises(ValueError, match=r"plan\['layer1\.0'\]='colwise' does not apply to BasicBlock"):
+        plan_tp(net, 2, plan={"layer1.0": "colwise"})
+    # a user override inside a block: the branch is still whole at the add (conv2 gathers in and out)
+    gathered = plan_tp(net, 2, plan={"layer1.0.conv2": "colwise"})
+    conv2 = {e.name: e for e in gathered.entries}["layer1.0.conv2"]
+    assert (conv2.input, conv2.output) == ("shard(1)", "replicate")
+    assert "input gathered" in conv2.note and "output gathered for the residual add of 'layer1.0'" in conv2.note
+
+    class MyResNet(ResNet):
+        def forward(self, x):  # its own forward: the order of its children is unknown
+            return super().forward(x)
+
+    mine = MyResNet(BasicBlock, [1, 1, 1, 1])
+    with pytest.raises(TypeError, match=r"got MyResNet \(MyResNet overrides the forward of ResNet"):
+        plan_tp(mine, 2)
+
+    class MyBlock(BasicBlock):
+        def forward(self, x):
+            return super().forward(x)
+
+    custom = nn.Sequential(nn.Conv2d(3, 8, 3), MyBlock(8, 8))
+    entry = plan_tp(custom, 2).entries[-1]
+    assert entry.name == "1" and entry.style == "replicate" and "unknown module" in entry.note
+
+
+def _full_state(module: nn.Module) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    return {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+        for k, v in module.state_dict().items()
+    }
+
+
+NETS = {
+    "basic": dict(block=BasicBlock, layers=(2, 2, 2, 2), width=8),
+    "bottleneck": dict(block=Bottleneck, layers=(1, 1, 1, 1), width=4),
+}
+#: Share of the parameters in sharded layers: all but the stem, shortcuts and fc for BasicBlock; a
+#: Bottleneck also keeps conv3 whole (one all-reduce per block shards two of its three convolutions).
+SHARDED_SHARE = {"basic": 0.95, "bottleneck": 0.4}
+
+
+def _train(net: nn.Module, steps: int) -> torch.Tensor:
+    """``steps`` SGD steps in train mode (BatchNorm on batch statistics); returns eval-mode logits."""
+    x, y = digits_tensors((steps + 1) * BATCH, image_size=IMAGE)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    net.train()
+    for s in range(steps):
+        sl = slice(s * BATCH, (s + 1) * BATCH)
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x[sl]), y[sl]).backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        return net(x[steps * BATCH:]).detach().clone()
+
+
+def _resnet_worker(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    out = {}
+    for name, kwargs in NETS.items():
+        net = cifar_resnet(**kwargs)
+        apply_tp(net, mesh["tp"])
+        local, full = sharded_parameter_numel(net)
+        replicated = sum(p.numel() for p in net.parameters()) - full
+        logits = _train(net, STEPS)
+        out[name] = {"state": _full_state(net), "logits": logits, "local": local, "full": full, "replicated": replicated}
+    return out
+
+
+@pytest.mark.slow
+def test_tp2_resnet_matches_single_process():
+    results = run_distributed(_resnet_worker, 2, timeout=400, init_process_group=True)
+    for name, kwargs in NETS.items():
+        initial = cifar_resnet(**kwargs)
+        reference = copy.deepcopy(initial)
+        logits = _train(reference, STEPS)
+        expected = reference.state_dict()
+        moved = max((expected[k].float() - initial.state_dict()[k].float()).abs().max().item() for k in expected)
+        assert moved > 1e-3, "reference did not train"
+        total = sum(p.numel() for p in initial.parameters())
+        for rank, r in enumerate(results):
+            try:
+                assert_state_dicts_close(r[name]["state"], expected, atol=1e-5)  # weights, momenta-driven, BN running stats
+                torch.testing.assert_close(r[name]["logits"], logits, atol=1e-5, rtol=0)  # eval mode: running stats
+            except AssertionError as err:
+                raise AssertionError(f"{name}, rank {rank}: {err}") from None
+            # each rank holds half of every sharded parameter; the sharded ones are most of the network
+            assert abs(r[name]["local"] / (r[name]["full"] / 2) - 1) < 0.05, (r[name]["local"], r[name]["full"])
+            assert r[name]["full"] + r[name]["replicated"] == total
+            assert r[name]["full"] > SHARDED_SHARE[name] * total, (name, r[name]["full"], total)
