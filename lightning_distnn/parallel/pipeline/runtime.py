@@ -122,6 +122,7 @@ class Pipeline:
         # torch infers the p2p buffer shapes at a stage's first step: one set of stages and schedule per
         # (mode, schedule, micro-batch count, micro-batch size), so a short last batch or an eval batch gets its own
         self._runners: dict[tuple[str, str, int, int], tuple[list[PipelineStage], Any]] = {}
+        self._building_steps: set[int] = set()  # timeline steps that built a schedule (not measured)
         self.grad_compression: Optional[str] = None  # "fp16" / "bf16": the dp all-reduce in half precision
 
     @property
@@ -190,6 +191,8 @@ class Pipeline:
         if reference is None:
             raise ValueError("Pipeline.train_step needs the inputs x or the targets y on every rank (for the batch size).")
         split = self.split(reference.shape[0])
+        if ("train", split.schedule, split.microbatches, split.micro_size) not in self._runners:
+            self._building_steps.add(self.timeline.step + 1)
         _, schedule = self._runner("train", split)
         self.last_split = split
         self._loss_divisor = float(split.microbatches * self.accumulate_grad_batches)
@@ -285,15 +288,44 @@ class Pipeline:
             out["allreduce"] = int(2 * (n - 1) / n * params)
         return out
 
+    def _measured_steps(self) -> list[int]:
+        """Finished steps kept in the timeline, without those that built a schedule (shape inference, warm-up)."""
+        steps = self.timeline.finished_steps()
+        warm = [s for s in steps if s not in self._building_steps]
+        return warm or steps
+
+    def breakdown(self) -> dict[str, float]:
+        """Where this rank's step time goes, mean seconds per step over the measured steps.
+
+        ``span`` (the schedule step) = ``compute`` (F/B/I/W) + ``recv_wait`` (blocked receiving;
+        ``recv_from_<stage>`` per source stage) + ``send`` + ``other`` (the schedule's own Python);
+        ``outside`` is the time between steps outside the schedule (optimizer, the caller's loop).
+        """
+        parts = [b for b in (self.timeline.breakdown(s) for s in self._measured_steps()) if b is not None]
+        if not parts:
+            return {k: math.nan for k in ("span", "compute", "recv_wait", "send", "other", "outside")}
+        out: dict[str, float] = {}
+        for key in ("span", "compute", "recv_wait", "send", "other"):
+            out[key] = sum(getattr(b, key) for b in parts) / len(parts)
+        outside = [b.outside for b in parts if not math.isnan(b.outside)]
+        out["outside"] = sum(outside) / len(outside) if outside else math.nan
+        for stage in sorted({p for b in parts for p in b.recv_from}):
+            out[f"recv_from_{stage}"] = sum(b.recv_from.get(stage, 0.0) for b in parts) / len(parts)
+        return out
+
     def bubble(self) -> dict[str, float]:
-        """Measured idle fraction of this rank (mean over the kept steps but the first) and the theory."""
-        steps = sorted(s for s, (_, e) in self.timeline.spans.items() if not math.isnan(e))
-        if len(steps) > 1:
-            steps = steps[1:]  # the first step includes shape inference and warm-up
-        values = [self.timeline.bubble(s) for s in steps]
+        """Measured idle fraction of this rank (mean over the measured steps), the theory, and the parts.
+
+        ``measured`` = 1 - compute / span; ``recv_wait``, ``send``, ``other`` and ``outside`` are
+        fractions of the span (:meth:`breakdown` has them in seconds).
+        """
+        values = [self.timeline.bubble(s) for s in self._measured_steps()]
         measured = sum(values) / len(values) if values else math.nan
         theory = theoretical_bubble(self.schedule_name, self.pp_size, self.microbatches, self.stages_per_rank)
-        return {"measured": measured, "theory": theory}
+        parts = self.breakdown()
+        span = parts["span"]
+        fractions = {k: parts[k] / span if span > 0 else math.nan for k in ("recv_wait", "send", "other", "outside")}
+        return {"measured": measured, "theory": theory, **fractions}
 
 
 def clip_grad_norm_across(
