@@ -99,7 +99,11 @@ def _run_cases(rank: int, world: int) -> list[dict]:
         for size in EVAL_SIZES:
             result = pipe.forward(x[:size], size)
             evals[size] = None if result is None else result.detach().clone()
-        out.append({"state": state, "splits": splits, "eval": evals, "last": pipe.is_last})
+        out.append({
+            "state": state, "splits": splits, "eval": evals, "last": pipe.is_last, "bubble": pipe.bubble(),
+            "breakdown": pipe.breakdown(), "kinds": {r.kind for r in pipe.timeline.records},
+            "stages": pipe.stage_indices,
+        })
     return out
 
 
@@ -130,6 +134,17 @@ def test_ragged_batches_equal_one_process():
                 got = holders[0][size]
                 assert got.shape[0] == size, f"{where}: eval of {size} samples returned {got.shape[0]} rows"
                 torch.testing.assert_close(got, ref(x[:size]), atol=1e-5, rtol=0)
+        # the timeline: compute, receive waits (from a neighbouring stage on the other rank) and sends, no span
+        # counted twice
+        for r in per_rank:
+            parts, bubble = r[i]["breakdown"], r[i]["bubble"]
+            assert {"F", "R", "S"} <= r[i]["kinds"], f"{where}: {r[i]['kinds']}"
+            assert parts["compute"] > 0 and parts["recv_wait"] > 0, f"{where}: {parts}"
+            assert parts["compute"] + parts["recv_wait"] + parts["send"] <= parts["span"] * 1.001, f"{where}: {parts}"
+            sources = {int(k.rsplit("_", 1)[1]) for k in parts if k.startswith("recv_from_")}
+            neighbours = {s + d for s in r[i]["stages"] for d in (-1, 1)} - set(r[i]["stages"])
+            assert sources and sources <= neighbours, f"{where}: waits from {sources}, neighbours {neighbours}"
+            assert 0.0 <= bubble["measured"] <= 1.0 and {"recv_wait", "send", "other", "outside"} <= set(bubble)
 
 
 @pytest.mark.parametrize(
@@ -156,20 +171,19 @@ def test_split_batch_rejects_an_empty_batch():
 
 
 def _synthetic_records(m: int = 8, ranks: int = 2, per_rank: int = 2):
-    """An interleaved-like step: every (rank, local stage) runs F then B of m micro-batches, 1 ms each, 3 ms waits."""
+    """An interleaved-like step: a 40 ms wait, then every local stage runs F (0.5 ms) and B (2 ms) of m micro-batches."""
     from lightning_distnn.parallel.pipeline import TaskRecord
 
     out = []
     for rank in range(ranks):
-        t = 0.0
+        out.append(TaskRecord(0, rank, rank, 0, "R", 0.0, 0.04, peer=rank - 1))
+        t = 0.04
         for local in range(per_rank):
             stage = rank + local * ranks
-            for kind in ("F", "B"):
+            for kind, duration in (("F", 5e-4), ("B", 2e-3)):
                 for mb in range(m):
-                    out.append(TaskRecord(0, rank, stage, mb, kind, t, t + 1e-3))
-                    t += 1e-3
-                    out.append(TaskRecord(0, rank, stage, mb, "R", t, t + 3e-3, peer=stage - 1))
-                    t += 3e-3
+                    out.append(TaskRecord(0, rank, stage, mb, kind, t, t + duration))
+                    t += duration
     return out
 
 
