@@ -209,3 +209,84 @@ def theoretical_bubble(schedule: str, pp_size: int, microbatches: int, stages_pe
     if schedule == "zbv_zero_bubble":
         return 0.0
     return math.nan
+
+
+def modelled_step_seconds(
+    microbatches: int,
+    *,
+    schedule: str,
+    pp_size: int,
+    stages_per_rank: int,
+    compute_seconds: float,
+    message_seconds: float,
+    transfer_seconds: float = 0.0,
+) -> float:
+    """A rank's step time with ``microbatches`` micro-batches, in the ideal schedule's terms.
+
+    Per micro-batch the busiest rank spends ``compute_seconds / m`` computing (``compute_seconds``:
+    forward + backward of the whole batch on its stages), ``message_seconds`` on the fixed cost of
+    its messages (latency x messages it exchanges per micro-batch) and ``transfer_seconds / m``
+    moving bytes; the schedule's bubble (:func:`theoretical_bubble`; the looped form for the
+    zero-bubble schedules, whose zero holds only in steady state) stretches the busy time.
+    """
+    m = microbatches
+    name = schedule_name(schedule)
+    busy = compute_seconds + transfer_seconds + m * message_seconds
+    if name in SINGLE_STAGE:
+        bubble = theoretical_bubble(name, pp_size, m)
+    else:
+        bubble = theoretical_bubble("interleaved_1f1b", pp_size, m, stages_per_rank)
+    return busy / (1.0 - bubble)
+
+
+def choose_microbatches(
+    batch_size: int,
+    *,
+    schedule: str,
+    pp_size: int,
+    num_stages: int,
+    compute_seconds: float,
+    message_seconds: float,
+    transfer_seconds: float = 0.0,
+    max_microbatches: Optional[int] = None,
+) -> int:
+    """The micro-batch count for ``microbatches="auto"``: the fastest by :func:`modelled_step_seconds`.
+
+    More micro-batches shrink the bubble, each one adds ``message_seconds`` of per-message latency:
+    the best count balances the two. Candidates divide ``batch_size``, are accepted by the schedule
+    and are at most ``max_microbatches`` (default: the batch size); ties go to the fewer. Measure
+    ``compute_seconds`` with :func:`~lightning_distnn.partition.model.profile_layer_costs` (the
+    slowest rank's layers, whole batch) and ``message_seconds`` as the p2p latency times the
+    messages a rank exchanges per micro-batch (2 per remote cut of each of its stages: the
+    activation and its gradient).
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"choose_microbatches needs a positive batch_size, got {batch_size!r}.")
+    if not compute_seconds > 0 or message_seconds < 0:
+        raise ValueError(
+            f"choose_microbatches needs compute_seconds > 0 and message_seconds >= 0, got {compute_seconds} and "
+            f"{message_seconds}: pass measured times (seconds)."
+        )
+    per_rank = max(1, num_stages // pp_size)
+    limit = batch_size if max_microbatches is None else min(batch_size, max_microbatches)
+    best: Optional[tuple[float, int]] = None
+    for m in range(1, limit + 1):
+        if batch_size % m or count_problem(schedule, m, pp_size=pp_size, num_stages=num_stages) is not None:
+            continue
+        t = modelled_step_seconds(
+            m,
+            schedule=schedule,
+            pp_size=pp_size,
+            stages_per_rank=per_rank,
+            compute_seconds=compute_seconds,
+            message_seconds=message_seconds,
+            transfer_seconds=transfer_seconds,
+        )
+        if best is None or t < best[0] * (1 - 1e-9):
+            best = (t, m)
+    if best is None:
+        raise ValueError(
+            f"no micro-batch count up to {limit} divides batch_size={batch_size} under schedule={schedule_name(schedule)!r} "
+            f"on {pp_size} ranks: use a batch size that is a multiple of {pp_size}, or schedule='gpipe'."
+        )
+    return best[1]
