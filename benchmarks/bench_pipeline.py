@@ -4,12 +4,16 @@ One machine, 2 gloo processes (CPU)::
 
     python benchmarks/bench_pipeline.py                      # tables to stdout
     python benchmarks/bench_pipeline.py --steps 12 --repeats 3 --gantt docs/pipeline_gantt.png
+    python benchmarks/bench_pipeline.py --only link,bubble --width 64 --batch 64   # issue 15's size
 
 (a) PipelineStrategy inside a Lightning Trainer against a hand-written loop on raw
     torch.distributed.pipelining (same partition, schedule, micro-batches, optimizer), interleaved
     in the same run: the ratio of their step times is the strategy's overhead.
 (b) the measured bubble (idle fraction of a rank, averaged over ranks and steps) of every
-    schedule beside the theory ((p-1)/(m+p-1) for GPipe and 1F1B).
+    schedule beside the theory ((p-1)/(m+p-1) for GPipe and 1F1B), with where the step went
+    (compute, blocked receiving, sending, the schedule's own time, outside the schedule) and one
+    micro-batch's stage compute beside the p2p message latency measured in the same run (the
+    comparison is only meaningful where compute >= 10x latency).
 (c) balanced against uniform partition of the case-study CNN: the profiled cost of the slowest
     stage and the images/s each reaches.
 Timings are never asserted; only ratios measured in one run are meaningful.
@@ -59,6 +63,34 @@ class StepTimer(pl.Callback):
             self.elapsed = time.perf_counter() - self.start
 
 
+def measure_link(rank, repeats=50):
+    """p2p latency (one way, 4-byte message, half a ping-pong) and bandwidth (4 MiB one way) between ranks 0 and 1."""
+    small, big = torch.zeros(1), torch.zeros(1 << 20)
+    peer = 1 - rank
+
+    def pingpong(t):
+        if rank == 0:
+            dist.send(t, dst=peer)
+            dist.recv(t, src=peer)
+        else:
+            dist.recv(t, src=peer)
+            dist.send(t, dst=peer)
+
+    out = {}
+    for name, t, n in (("latency_s", small, repeats), ("big_s", big, max(3, repeats // 10))):
+        for _ in range(3):
+            pingpong(t)
+        samples = []
+        for _ in range(n):
+            dist.barrier()
+            start = time.perf_counter()
+            pingpong(t)
+            samples.append((time.perf_counter() - start) / 2)
+        out[name] = statistics.median(samples)
+    out["bandwidth_Bps"] = big.numel() * big.element_size() / max(out["big_s"] - out["latency_s"], 1e-9)
+    return out
+
+
 def strategy_run(world, schedule, micro, partition, steps, batch, width, x, y):
     module = make_module(width)
     timer = StepTimer(warmup=2)
@@ -68,10 +100,16 @@ def strategy_run(world, schedule, micro, partition, steps, batch, width, x, y):
     records = strategy.gather_timeline()
     bubbles = [None] * world
     dist.all_gather_object(bubbles, strategy.pipeline_bubble())
+    parts = [None] * world
+    breakdown = getattr(strategy.pipeline, "breakdown", None)  # absent before issue 15
+    dist.all_gather_object(parts, breakdown() if breakdown else {})
+    per_rank = len(strategy.pipeline.stage_indices)
     return {
         "step_s": timer.elapsed / max(timer.steps, 1),
         "bubble": statistics.mean(b["measured"] for b in bubbles),
         "theory": bubbles[0]["theory"],
+        "parts": {k: statistics.mean(p.get(k, float("nan")) for p in parts) for k in parts[0]},
+        "micro_compute_s": statistics.mean(p.get("compute", float("nan")) for p in parts) / (micro * per_rank),
         "plan": strategy.pipeline.plan,
         "records": records,
         "bytes": strategy.comm_bytes_per_step(),
@@ -114,8 +152,11 @@ def raw_run(rank, world, schedule, micro, counts, steps, batch, width, x, y):
 def body(rank, world, args):
     x, y = digits_tensors(args.batch * 8, image_size=16)
     out = {"overhead": [], "bubble": {}, "partition": {}}
+    only = set(args.only.split(","))
+    if "link" in only:
+        out["link"] = measure_link(rank)
     # (a) overhead: raw loop vs strategy, interleaved
-    for _ in range(args.repeats):
+    for _ in range(args.repeats if "overhead" in only else 0):
         for kind in ("raw", "strategy"):
             if kind == "raw":
                 counts = uniform(8, world).counts
@@ -124,14 +165,18 @@ def body(rank, world, args):
                 t = strategy_run(world, "1f1b", args.micro, "uniform", args.steps, args.batch, args.width, x, y)["step_s"]
             out["overhead"].append((kind, t))
     # (b) bubble per schedule
-    for schedule in SCHEDULES:
+    for schedule in args.schedules.split(",") if "bubble" in only else ():
         for micro in (args.micro, 2 * args.micro) if schedule in ("gpipe", "1f1b") else (args.micro,):
-            r = strategy_run(world, schedule, micro, "uniform", args.steps, args.batch, args.width, x, y)
-            out["bubble"][(schedule, micro)] = {k: r[k] for k in ("step_s", "bubble", "theory", "bytes")}
+            r = strategy_run(world, schedule, micro, args.partition, args.steps, args.batch, args.width, x, y)
+            out["bubble"][(schedule, micro)] = {
+                k: r[k] for k in ("step_s", "bubble", "theory", "bytes", "parts", "micro_compute_s")
+            }
             if schedule == "1f1b" and micro == args.micro:
                 out["records"] = r["records"]
     # (c) balanced vs uniform on the case-study CNN (costs profiled once, on rank 0)
     box = [None]
+    if "partition" not in only:
+        return out
     if rank == 0:
         box[0] = profile_layer_costs(make_module(args.width).net, x[: args.batch // args.micro], repeats=7)
     dist.broadcast_object_list(box, src=0)
@@ -152,6 +197,9 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--width", type=int, default=16, help="conv filters (FC width = 4x)")
     parser.add_argument("--gantt", default=None, help="PNG path for the 1F1B Gantt chart")
+    parser.add_argument("--only", default="link,overhead,bubble,partition", help="parts to run (comma-separated)")
+    parser.add_argument("--schedules", default=",".join(SCHEDULES), help="schedules for the bubble table")
+    parser.add_argument("--partition", default="uniform", help="partition of the bubble table (uniform/balanced)")
     args = parser.parse_args()
     world = 2
     results = run_distributed(body, world, args, timeout=1800, init_process_group=True, pg_timeout=120)
@@ -159,6 +207,25 @@ def main() -> None:
 
     raw = [t for k, t in res["overhead"] if k == "raw"]
     ours = [t for k, t in res["overhead"] if k == "strategy"]
+    if "link" in res:
+        link = res["link"]
+        print(f"\np2p link (gloo, 2 processes): latency {1e6 * link['latency_s']:.1f} us per message (one way), "
+              f"bandwidth {link['bandwidth_Bps'] / 1e6:.0f} MB/s")
+    if raw and ours:
+        _print_overhead(args, raw, ours)
+    if res["bubble"]:
+        _print_bubble(args, res)
+    if res["partition"]:
+        _print_partition(args, res)
+    if args.gantt:
+        from lightning_distnn.pipeline_viz import plot_timeline
+
+        r = res["bubble"][("1f1b", args.micro)]
+        plot_timeline(res["records"], args.gantt, title=f"1F1B, pp=2, m={args.micro}", bubble=r)
+        print(f"\nGantt chart written to {args.gantt}")
+
+
+def _print_overhead(args, raw, ours):
     print(f"\n(a) overhead, 1F1B, pp=2, m={args.micro}, batch {args.batch}, CaseStudyCNN width {args.width}, "
           f"{args.repeats} interleaved repeats of {args.steps} steps\n")
     print(format_table([
@@ -166,12 +233,31 @@ def main() -> None:
         {"run": "PipelineStrategy (Lightning Trainer)", "step ms (median)": 1e3 * statistics.median(ours),
          "ratio": statistics.median(ours) / statistics.median(raw)},
     ]))
-    print(f"\n(b) bubble per schedule (pp=2; looped and V schedules 2 stages per rank)\n")
+
+
+def _print_bubble(args, res):
+    print(f"\n(b) bubble per schedule (pp=2; looped and V schedules 2 stages per rank; {args.partition} partition, "
+          f"batch {args.batch}, width {args.width})\n")
     rows = []
+    latency = res.get("link", {}).get("latency_s", float("nan"))
     for (schedule, micro), r in res["bubble"].items():
+        parts = r.get("parts") or {}
+        span = parts.get("span", float("nan"))
         rows.append({"schedule": schedule, "m": micro, "bubble measured": r["bubble"], "bubble theory": r["theory"],
-                     "step ms": 1e3 * r["step_s"], "p2p KiB sent/rank": r["bytes"]["sent"] / 1024})
+                     "measured/theory": r["bubble"] / r["theory"] if r["theory"] else float("nan"),
+                     "step ms": 1e3 * r["step_s"],
+                     "mb compute ms": 1e3 * r.get("micro_compute_s", float("nan")),
+                     "compute/latency": r.get("micro_compute_s", float("nan")) / latency,
+                     "recv wait": parts.get("recv_wait", float("nan")) / span,
+                     "send": parts.get("send", float("nan")) / span,
+                     "other": parts.get("other", float("nan")) / span,
+                     "outside ms": 1e3 * parts.get("outside", float("nan")),
+                     "p2p KiB sent/rank": r["bytes"]["sent"] / 1024})
     print(format_table(rows))
+    print("(recv wait / send / other: fractions of the schedule step; outside: time between steps outside it)")
+
+
+def _print_partition(args, res):
     print(f"\n(c) balanced vs uniform partition, CaseStudyCNN width {args.width}, 1F1B, pp=2\n")
     rows = []
     base = res["partition"]["uniform"]["step_s"]
@@ -181,12 +267,6 @@ def main() -> None:
                      "images/s": args.batch / r["step_s"], "speed-up": base / r["step_s"]})
     print(format_table(rows))
     print("\nprofiled layer costs (ms):", ", ".join(f"{1e3 * c:.3f}" for c in res["partition"]["balanced"]["plan"].costs))
-    if args.gantt:
-        from lightning_distnn.pipeline_viz import plot_timeline
-
-        r = res["bubble"][("1f1b", args.micro)]
-        plot_timeline(res["records"], args.gantt, title=f"1F1B, pp=2, m={args.micro}", bubble=r)
-        print(f"\nGantt chart written to {args.gantt}")
 
 
 if __name__ == "__main__":

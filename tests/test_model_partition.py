@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_distnn.partition.model import (
     StagePlan,
@@ -99,3 +100,53 @@ def test_profile_layer_costs_times_every_layer():
     assert all(p.grad is None for p in net.parameters())
     plan = balanced(costs, 2)
     assert plan.num_layers == len(net)
+
+
+def test_balanced_weighs_each_cut_by_the_bytes_it_sends():
+    from lightning_distnn.partition.model import LinkCost
+
+    costs = [1.0] * 6
+    assert balanced(costs, 2).counts == [3, 3]
+    # layer 2 outputs a large activation: the cut moves off it, and the table shows the comm share
+    plan = balanced(costs, 2, cut_bytes=[1, 1, 100, 1, 1, 1], link=LinkCost(latency_s=0.0, bandwidth_Bps=10.0))
+    assert plan.counts != [3, 3] and plan.stages[0][-1] != 2
+    assert plan.comm_costs == [pytest.approx(0.2), pytest.approx(0.2)]
+    assert plan.bottleneck() == pytest.approx(4.2)
+    assert "of which comm" in str(plan)
+    # latency alone: a middle stage pays two cuts, the ends one; the plan is optimal against brute force
+    link = LinkCost(latency_s=0.5, bandwidth_Bps=1e12)
+    three = balanced([1.0, 2.0, 1.0, 3.0, 1.0, 1.0], 3, cut_bytes=[8] * 6, link=link)
+    best = min(
+        max(sum([1.0, 2.0, 1.0, 3.0, 1.0, 1.0][i:j]) + (1.0 if i > 0 else 0) + (1.0 if j < 6 else 0)
+            for i, j in ((0, a), (a, b), (b, 6)))
+        for a in range(1, 5) for b in range(a + 1, 6)
+    )
+    assert three.bottleneck() == pytest.approx(best)
+    with pytest.raises(ValueError, match="both"):
+        balanced(costs, 2, cut_bytes=[1] * 6)
+    with pytest.raises(ValueError, match="bandwidth"):
+        LinkCost(latency_s=1e-4, bandwidth_Bps=0)
+
+
+def test_layer_output_bytes():
+    from lightning_distnn.partition.model import layer_output_bytes
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert layer_output_bytes(net, torch.zeros(3, 4)) == [3 * 8 * 4, 3 * 8 * 4, 3 * 2 * 4]
+
+
+def test_choose_microbatches_trades_bubble_for_latency():
+    from lightning_distnn.parallel.pipeline import choose_microbatches, modelled_step_seconds
+
+    common = dict(schedule="1f1b", pp_size=2, num_stages=2, compute_seconds=0.02)
+    free = choose_microbatches(64, message_seconds=0.0, **common)
+    cheap = choose_microbatches(64, message_seconds=1e-4, **common)
+    dear = choose_microbatches(64, message_seconds=5e-3, **common)
+    assert free == 64 and free > cheap > dear >= 2  # 1F1B needs m >= pp
+    # the choice is the model's minimum over the counts that divide the batch
+    t = {m: modelled_step_seconds(m, schedule="1f1b", pp_size=2, stages_per_rank=1, compute_seconds=0.02,
+                                  message_seconds=1e-4) for m in (2, 4, 8, 16, 32, 64)}
+    assert cheap == min(t, key=t.get)
+    assert choose_microbatches(12, message_seconds=1e-4, max_microbatches=5, **common) in (2, 3, 4)
+    with pytest.raises(ValueError, match="compute_seconds"):
+        choose_microbatches(8, message_seconds=1e-4, **{**common, "compute_seconds": 0.0})

@@ -185,10 +185,10 @@ def test_every_schedule_matches_single_process(tmp_path):
         assert r["test"]["test/loss"] == pytest.approx(ref.loss_fn(logits, ye).item(), abs=1e-5)
         assert torch.equal(r["predict"], logits.argmax(dim=1))
 
-    # uneven micro-batches: a clear error on every rank, and no step taken
+    # a batch that does not split into microbatches=4 trains (issue 18: as 2 x 5; equivalence in test_pipeline_runtime.py)
     for r in per_rank:
-        assert "10 samples" in r["uneven"] and "microbatches=4" in r["uneven"], r["uneven"]
-        assert r["uneven_untouched"]
+        assert r["uneven"] == "no error", r["uneven"]
+        assert not r["uneven_untouched"]
 
 
 def test_stage_placement_and_theory():

@@ -15,7 +15,10 @@ Three partitioners:
   count does not divide).
 * :func:`balanced`: the contiguous split that minimises the cost of the slowest stage, exactly
   (dynamic programming over prefix sums, ``O(stages * layers^2)``; ties go to the split whose
-  earlier stages are as long as possible).
+  earlier stages are as long as possible). Given the bytes each cut would send
+  (:func:`layer_output_bytes`) and the link (:class:`LinkCost`, measured p2p latency and
+  bandwidth), a stage's cost includes the messages across its two cuts, so the split avoids
+  cutting where activations are large.
 * :func:`explicit`: a list of layer counts per stage, e.g. ``[3, 5]``.
 
 :func:`profile_layer_costs` measures each layer's forward + backward time on the device the
@@ -35,6 +38,29 @@ from torch import nn
 PARTITION_METHODS = ("balanced", "uniform")
 
 
+@dataclass(frozen=True)
+class LinkCost:
+    """A point-to-point link between pipeline ranks: seconds per message and bytes per second (measured)."""
+
+    latency_s: float
+    bandwidth_Bps: float
+
+    def __post_init__(self) -> None:
+        if not self.latency_s >= 0 or not self.bandwidth_Bps > 0:
+            raise ValueError(
+                f"LinkCost(latency_s={self.latency_s}, bandwidth_Bps={self.bandwidth_Bps}) needs a latency >= 0 and "
+                "a bandwidth > 0 (bytes per second): pass the measured p2p numbers."
+            )
+
+    def seconds(self, nbytes: float) -> float:
+        """Time of one message of ``nbytes``."""
+        return self.latency_s + nbytes / self.bandwidth_Bps
+
+    def cut_seconds(self, nbytes: float) -> float:
+        """What one cut costs each of its two stages per micro-batch in training: the activation and its gradient."""
+        return 2.0 * self.seconds(nbytes)
+
+
 @dataclass
 class StagePlan:
     """Layers per pipeline stage, as plain data.
@@ -45,12 +71,15 @@ class StagePlan:
         method: how the plan was made (``"balanced"``, ``"uniform"``, ``"explicit"``).
         stage_ranks: the pipeline rank that runs each stage (filled by the pipeline builder; empty
             means "not placed yet").
+        comm_costs: per stage, the modelled seconds of its cut messages per micro-batch (``None``
+            when the partition ignored communication).
     """
 
     stages: list[list[int]]
     costs: Optional[list[float]] = None
     method: str = "explicit"
     stage_ranks: list[int] = field(default_factory=list)
+    comm_costs: Optional[list[float]] = None
 
     @property
     def num_stages(self) -> int:
@@ -65,9 +94,10 @@ class StagePlan:
         return [len(s) for s in self.stages]
 
     def stage_costs(self) -> list[float]:
-        """Summed layer cost per stage (unit costs when the plan has none)."""
+        """Summed layer cost per stage (unit costs when the plan has none), plus its cut messages if modelled."""
         costs = self.costs if self.costs is not None else [1.0] * self.num_layers
-        return [float(sum(costs[i] for i in layers)) for layers in self.stages]
+        comm = self.comm_costs or [0.0] * self.num_stages
+        return [float(sum(costs[i] for i in layers)) + c for layers, c in zip(self.stages, comm)]
 
     def bottleneck(self) -> float:
         """Cost of the slowest stage: what bounds the pipeline's throughput."""
@@ -83,6 +113,8 @@ class StagePlan:
                 row["rank"] = self.stage_ranks[s]
             row["layers"] = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
             row["cost"] = costs[s]
+            if self.comm_costs is not None:
+                row["of which comm"] = self.comm_costs[s]
             row["share"] = costs[s] / total
             rows.append(row)
         return rows
@@ -142,38 +174,60 @@ def explicit(counts: Sequence[int], *, num_layers: Optional[int] = None, costs: 
     return StagePlan(_from_counts(counts), costs=list(map(float, costs)) if costs is not None else None, method="explicit")
 
 
-def balanced(costs: Sequence[float], stages: int) -> StagePlan:
-    """The contiguous split of ``costs`` into ``stages`` non-empty parts minimising the largest part.
+def balanced(
+    costs: Sequence[float],
+    stages: int,
+    *,
+    cut_bytes: Optional[Sequence[float]] = None,
+    link: Optional[LinkCost] = None,
+) -> StagePlan:
+    """The contiguous split of ``costs`` into ``stages`` non-empty parts minimising the costliest part.
 
     Exact: dynamic programming over prefix sums. ``best[k][j]`` is the smallest possible bottleneck
-    of the first ``j`` layers on ``k`` stages; ``best[k][j] = min_i max(best[k-1][i], sum(costs[i:j]))``.
+    of the first ``j`` layers on ``k`` stages; ``best[k][j] = min_i max(best[k-1][i], cost(i, j))``.
+    Without communication ``cost(i, j) = sum(costs[i:j])``. With ``cut_bytes`` (``cut_bytes[i]``:
+    bytes layer ``i`` outputs per micro-batch, what a cut after it sends) and ``link``, each stage
+    also pays ``link.cut_seconds`` for the cut at its start and the one at its end (``costs`` must
+    then be seconds per micro-batch, as :func:`profile_layer_costs` measures).
     """
     costs = [float(c) for c in costs]
     if any(c < 0 or c != c for c in costs):
         raise ValueError(f"layer costs must be non-negative numbers, got {costs}.")
     n = len(costs)
     _check_stages(n, stages)
+    if (cut_bytes is None) != (link is None):
+        raise ValueError("balanced() weighs cuts with both cut_bytes (bytes per layer output) and link (LinkCost), "
+                         "or with neither: pass both.")
+    cut = [0.0] * (n + 1)  # cut[i]: seconds of the boundary before layer i (0 at the ends)
+    if cut_bytes is not None:
+        if len(cut_bytes) != n:
+            raise ValueError(f"got {len(cut_bytes)} cut sizes for {n} layers: give the output bytes of every layer.")
+        for i in range(1, n):
+            cut[i] = link.cut_seconds(float(cut_bytes[i - 1]))
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
     inf = float("inf")
     best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    arg = [[0] * (n + 1) for _ in range(stages + 1)]
     best[0][0] = 0.0
     for k in range(1, stages + 1):
         for j in range(k, n - (stages - k) + 1):
             # scan i downwards so ties keep the longest earlier stages (last stage lightest)
             for i in range(j - 1, k - 2, -1):
-                value = max(best[k - 1][i], prefix[j] - prefix[i])
+                value = max(best[k - 1][i], prefix[j] - prefix[i] + cut[i] + cut[j])
                 if value < best[k][j]:
-                    best[k][j], cut[k][j] = value, i
+                    best[k][j], arg[k][j] = value, i
     bounds, j = [], n
     for k in range(stages, 0, -1):
-        i = cut[k][j]
+        i = arg[k][j]
         bounds.append((i, j))
         j = i
     bounds.reverse()
-    return StagePlan([list(range(i, j)) for i, j in bounds], costs=costs, method="balanced")
+    plan = StagePlan([list(range(i, j)) for i, j in bounds], costs=costs, method="balanced")
+    if cut_bytes is not None:
+        plan.comm_costs = [cut[i] + cut[j] for i, j in bounds]
+    return plan
 
 
 def make_plan(
@@ -254,3 +308,20 @@ def profile_layer_costs(
         net.zero_grad(set_to_none=True)
         net.train(was_training)
     return costs
+
+
+def layer_output_bytes(net: nn.Sequential, example_input: torch.Tensor) -> list[int]:
+    """Bytes each top-level layer of ``net`` outputs for ``example_input`` (what a cut after it sends).
+
+    Pass one micro-batch as the example, to match :func:`profile_layer_costs` and
+    :func:`balanced`'s ``cut_bytes``.
+    """
+    if not isinstance(net, nn.Sequential) or len(net) == 0:
+        raise TypeError(f"layer_output_bytes needs a non-empty nn.Sequential, got {type(net).__name__}.")
+    device = next((p.device for p in net.parameters()), example_input.device)
+    out, x = [], example_input.to(device)
+    with torch.no_grad():
+        for layer in net:
+            x = layer(x)
+            out.append(x.numel() * x.element_size())
+    return out

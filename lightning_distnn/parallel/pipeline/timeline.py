@@ -1,0 +1,175 @@
+"""The pipeline timeline: what each rank did in every schedule step, and where the time went.
+
+A :class:`TaskRecord` is one span of a rank's step: compute (``F`` forward, ``B`` full backward,
+``I`` input gradient, ``W`` weight gradient) or communication (``R`` blocked receiving from the
+``peer`` stage, ``S`` sending to it). :meth:`Timeline.breakdown` splits one rank's step into
+compute, receive waits (per source stage), sending, the rest of the schedule's own time
+(``other``: Python bookkeeping, loss, chunking) and the time between steps spent outside the
+schedule (``outside``: optimizer, Lightning's loop, the output broadcast). With the records of
+every rank of one host, :func:`split_waits` tells apart a receive wait spent waiting for the
+producing stage to finish its task (the structural bubble) from the one spent on the transfer
+itself.
+
+Times are ``time.perf_counter()`` seconds (one clock per host: ranks of one machine can be drawn
+on a shared axis, :mod:`lightning_distnn.pipeline_viz`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch.distributed.pipelining import PipelineStage
+
+from lightning_distnn.parallel.pipeline._private import time_stage_p2p, wrap_stage_tasks
+
+COMPUTE = ("F", "B", "I", "W")
+COMM = ("R", "S")
+
+
+@dataclass
+class TaskRecord:
+    """One span of a step: compute F/B/I/W, or R (blocked receiving from ``peer``) / S (sending to ``peer``)."""
+
+    step: int
+    rank: int
+    stage: int
+    microbatch: int
+    kind: str
+    start: float
+    end: float
+    peer: int = -1
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
+class StepBreakdown:
+    """Where one rank's step went, in seconds (``span`` = compute + recv_wait + send + other)."""
+
+    rank: int
+    step: int
+    span: float
+    compute: float
+    recv_wait: float
+    send: float
+    other: float
+    outside: float
+    recv_from: dict[int, float] = field(default_factory=dict)
+
+    def fractions(self) -> dict[str, float]:
+        """Each part as a fraction of the step's span (``outside`` too, though it lies beyond the span)."""
+        if not self.span > 0:
+            return {k: math.nan for k in ("compute", "recv_wait", "send", "other", "outside")}
+        return {k: getattr(self, k) / self.span for k in ("compute", "recv_wait", "send", "other", "outside")}
+
+
+@dataclass
+class Timeline:
+    """Records of the last ``keep_steps`` schedule steps of this rank, with each step's wall span."""
+
+    rank: int = 0
+    keep_steps: int = 4
+    records: list[TaskRecord] = field(default_factory=list)
+    spans: dict[int, tuple[float, float]] = field(default_factory=dict)
+    step: int = -1
+
+    def begin_step(self) -> None:
+        self.step += 1
+        self.spans[self.step] = (time.perf_counter(), math.nan)
+        oldest = self.step - self.keep_steps
+        self.records = [r for r in self.records if r.step > oldest]
+        self.spans = {k: v for k, v in self.spans.items() if k >= oldest}  # one more span: the gap before
+
+    def end_step(self) -> None:
+        start, _ = self.spans[self.step]
+        self.spans[self.step] = (start, time.perf_counter())
+
+    def add(self, stage: int, microbatch: int, kind: str, start: float, end: float) -> None:
+        """Record a compute task (the callback of :func:`~._private.wrap_stage_tasks`)."""
+        if self.step >= 0:
+            self.records.append(TaskRecord(self.step, self.rank, stage, microbatch, kind, start, end))
+
+    def add_comm(self, stage: int, peer: int, microbatch: int, kind: str, start: float, end: float) -> None:
+        """Record a receive wait or a send (the callback of :func:`~._private.time_stage_p2p`)."""
+        if self.step >= 0:
+            self.records.append(TaskRecord(self.step, self.rank, stage, microbatch, kind, start, end, peer))
+
+    def of_step(self, step: Optional[int] = None) -> list[TaskRecord]:
+        step = self.step if step is None else step
+        return [r for r in self.records if r.step == step]
+
+    def finished_steps(self) -> list[int]:
+        return sorted(s for s, (_, e) in self.spans.items() if not math.isnan(e) and s > self.step - self.keep_steps)
+
+    def bubble(self, step: Optional[int] = None) -> float:
+        """Measured idle fraction of this rank in one step: 1 - compute time / (step wall time)."""
+        b = self.breakdown(step)
+        return math.nan if b is None or not b.span > 0 else max(0.0, 1.0 - b.compute / b.span)
+
+    def breakdown(self, step: Optional[int] = None) -> Optional[StepBreakdown]:
+        """Where this rank's time went in one step (default: the last); ``None`` for an unfinished step."""
+        step = self.step if step is None else step
+        if step not in self.spans or math.isnan(self.spans[step][1]):
+            return None
+        start, end = self.spans[step]
+        parts: dict[str, float] = defaultdict(float)
+        recv_from: dict[int, float] = defaultdict(float)
+        for r in self.of_step(step):
+            parts[r.kind] += r.duration
+            if r.kind == "R":
+                recv_from[r.peer] += r.duration
+        compute = sum(parts[k] for k in COMPUTE)
+        previous = self.spans.get(step - 1)
+        outside = start - previous[1] if previous is not None and not math.isnan(previous[1]) else math.nan
+        return StepBreakdown(
+            rank=self.rank,
+            step=step,
+            span=end - start,
+            compute=compute,
+            recv_wait=parts["R"],
+            send=parts["S"],
+            other=max(0.0, end - start - compute - parts["R"] - parts["S"]),
+            outside=outside,
+            recv_from=dict(recv_from),
+        )
+
+
+def split_waits(records: list[TaskRecord], step: Optional[int] = None) -> dict[int, dict[str, float]]:
+    """Per rank, its receive waits of one step split into ``dependency`` and ``transfer`` seconds.
+
+    A wait for micro-batch ``i`` from stage ``p`` lasts from its start until the data arrived; the
+    part before the producing task (F of ``(p, i)``, or its B/I for a gradient) ended on the other
+    rank is the structural bubble (``dependency``), the rest is the transfer. Needs the records of
+    every rank of one host (a shared clock), e.g. ``PipelineStrategy.gather_timeline()``.
+    """
+    if not records:
+        return {}
+    step = max(r.step for r in records) if step is None else step
+    chosen = [r for r in records if r.step == step]
+    produced: dict[tuple[str, int, int], float] = {}
+    for r in chosen:
+        if r.kind in COMPUTE:
+            key = ("F" if r.kind == "F" else "B", r.stage, r.microbatch)
+            produced[key] = max(produced.get(key, -math.inf), r.end)
+    out: dict[int, dict[str, float]] = defaultdict(lambda: {"dependency": 0.0, "transfer": 0.0})
+    for r in chosen:
+        if r.kind != "R":
+            continue
+        direction = "F" if r.peer < r.stage else "B"
+        ready = produced.get((direction, r.peer, r.microbatch))
+        waited = 0.0 if ready is None else min(max(0.0, ready - r.start), r.duration)
+        out[r.rank]["dependency"] += waited
+        out[r.rank]["transfer"] += r.duration - waited
+    return dict(out)
+
+
+def record_tasks(stage: PipelineStage, timeline: Timeline) -> None:
+    """Time every F/B/I/W task ``stage`` runs, and its receive waits and sends, into ``timeline``."""
+    wrap_stage_tasks(stage, timeline.add)
+    time_stage_p2p(stage, timeline.add_comm)

@@ -1,0 +1,207 @@
+"""The pipeline runtime on batches of any size (issue 18): ragged last batches equal one process.
+
+Pure torch (``apply_pipeline`` + ``Pipeline.train_step`` / ``forward``) on 2 gloo processes,
+against a ``copy.deepcopy`` reference trained on one process with the same batches; fp32
+tolerance 1e-5.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_distnn.parallel.pipeline import BatchSplit, apply_pipeline, split_batch
+from lightning_distnn.partition.model import uniform
+from lightning_distnn.testing import assert_state_dicts_close, run_distributed
+
+MICRO, BATCH, LR = 4, 8, 0.1
+# (schedule, data set size, accumulate_grad_batches): 17 = 8 + 8 + 1 leaves a remainder of 1 (fewer samples
+# than the 2 stages of gpipe/1f1b); 19 = 8 + 8 + 3 ends with fewer samples than the 4 stages of the 2-per-rank
+# schedules; 27 = 8 + 8 + 8 + 3 accumulates two batches of different sizes per optimizer step
+CASES = [
+    ("gpipe", 17, 1),
+    ("1f1b", 17, 1),
+    ("1f1b", 27, 2),
+    ("interleaved_1f1b", 19, 1),
+    ("interleaved_1f1b", 17, 1),
+    ("zbv_zero_bubble", 19, 1),
+    ("zbv_zero_bubble", 27, 2),
+]
+EVAL_SIZES = (1, 3, 10)
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+    )
+
+
+def _data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(n)
+    return torch.randn(n, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def _batches(n: int) -> list[slice]:
+    return [slice(i, min(i + BATCH, n)) for i in range(0, n, BATCH)]
+
+
+def _train(step_fn, params, n: int, accumulate: int) -> None:
+    """Lightning's loop: zero, accumulate ``accumulate`` batches, step (and step on the last batch)."""
+    optimizer = torch.optim.SGD(params, lr=LR, momentum=0.9)
+    batches = _batches(n)
+    for i, sl in enumerate(batches):
+        if i % accumulate == 0:
+            optimizer.zero_grad()
+        step_fn(sl)
+        if (i + 1) % accumulate == 0 or i == len(batches) - 1:
+            optimizer.step()
+
+
+def _reference(n: int, accumulate: int) -> nn.Sequential:
+    net = copy.deepcopy(_net())
+    x, y = _data(n)
+
+    def step(sl):
+        (nn.functional.cross_entropy(net(x[sl]), y[sl]) / accumulate).backward()
+
+    _train(step, net.parameters(), n, accumulate)
+    return net
+
+
+def _run_cases(rank: int, world: int) -> list[dict]:
+    out = []
+    for schedule, n, accumulate in CASES:
+        net = _net()
+        stages = 2 if schedule in ("gpipe", "1f1b") else 4
+        pipe = apply_pipeline(
+            net,
+            uniform(len(net), stages),
+            group=dist.group.WORLD,
+            device=torch.device("cpu"),
+            loss_fn=nn.functional.cross_entropy,
+            schedule=schedule,
+            microbatches=MICRO,
+        )
+        pipe.accumulate_grad_batches = accumulate
+        x, y = _data(n)
+        splits = []
+
+        def step(sl):
+            pipe.train_step(x[sl], y[sl])
+            splits.append(pipe.last_split)
+
+        _train(step, [p for m in pipe.modules for p in m.parameters()], n, accumulate)
+        state = {k: v.detach().clone() for m in pipe.modules for k, v in m.state_dict().items()}
+        evals = {}
+        for size in EVAL_SIZES:
+            result = pipe.forward(x[:size], size)
+            evals[size] = None if result is None else result.detach().clone()
+        out.append({
+            "state": state, "splits": splits, "eval": evals, "last": pipe.is_last, "bubble": pipe.bubble(),
+            "breakdown": pipe.breakdown(), "kinds": {r.kind for r in pipe.timeline.records},
+            "stages": pipe.stage_indices,
+        })
+    return out
+
+
+def test_ragged_batches_equal_one_process():
+    per_rank = run_distributed(_run_cases, 2, init_process_group=True, timeout=420)
+    for i, (schedule, n, accumulate) in enumerate(CASES):
+        where = f"schedule={schedule}, {n} samples, accumulate_grad_batches={accumulate}"
+        ref = _reference(n, accumulate)
+        merged = {}
+        for r in per_rank:
+            assert not set(merged) & set(r[i]["state"]), f"{where}: a layer is on two ranks"
+            merged.update(r[i]["state"])
+        assert set(merged) == set(ref.state_dict()), where
+        try:
+            assert_state_dicts_close(merged, ref.state_dict(), atol=1e-5)
+        except AssertionError as err:
+            raise AssertionError(f"{where}: {err}") from None
+        # the last batch really was short, and ran with fewer micro-batches
+        last = per_rank[0][i]["splits"][-1]
+        assert last.microbatches * last.micro_size == n % BATCH
+        assert last.microbatches < MICRO
+        # evaluation: every sample once (no padded duplicates), equal to the reference's outputs
+        x, _ = _data(n)
+        holders = [r[i]["eval"] for r in per_rank if r[i]["last"]]
+        assert len(holders) == 1, where
+        with torch.no_grad():
+            for size in EVAL_SIZES:
+                got = holders[0][size]
+                assert got.shape[0] == size, f"{where}: eval of {size} samples returned {got.shape[0]} rows"
+                torch.testing.assert_close(got, ref(x[:size]), atol=1e-5, rtol=0)
+        # the timeline: compute, receive waits (from a neighbouring stage on the other rank) and sends, no span
+        # counted twice
+        for r in per_rank:
+            parts, bubble = r[i]["breakdown"], r[i]["bubble"]
+            assert {"F", "R", "S"} <= r[i]["kinds"], f"{where}: {r[i]['kinds']}"
+            assert parts["compute"] > 0 and parts["recv_wait"] > 0, f"{where}: {parts}"
+            assert parts["compute"] + parts["recv_wait"] + parts["send"] <= parts["span"] * 1.001, f"{where}: {parts}"
+            sources = {int(k.rsplit("_", 1)[1]) for k in parts if k.startswith("recv_from_")}
+            neighbours = {s + d for s in r[i]["stages"] for d in (-1, 1)} - set(r[i]["stages"])
+            assert sources and sources <= neighbours, f"{where}: waits from {sources}, neighbours {neighbours}"
+            assert 0.0 <= bubble["measured"] <= 1.0 and {"recv_wait", "send", "other", "outside"} <= set(bubble)
+
+
+@pytest.mark.parametrize(
+    "schedule, stages, batch, expected",
+    [
+        ("gpipe", 2, 16, BatchSplit("gpipe", 4, 4)),
+        ("gpipe", 2, 10, BatchSplit("gpipe", 2, 5)),
+        ("gpipe", 2, 1, BatchSplit("gpipe", 1, 1)),
+        ("1f1b", 2, 3, BatchSplit("1f1b", 3, 1)),
+        ("1f1b", 2, 1, BatchSplit("gpipe", 1, 1)),  # fewer samples than stages: GPipe runs it
+        ("1f1b", 2, 7, BatchSplit("gpipe", 1, 7)),  # no count >= pp divides 7
+        ("interleaved_1f1b", 4, 3, BatchSplit("interleaved_1f1b", 3, 1)),
+        ("zbv_zero_bubble", 4, 9, BatchSplit("zbv_zero_bubble", 3, 3)),
+        ("dualpipev", 4, 10, BatchSplit("zbv_zero_bubble", 2, 5)),  # DualPipeV needs m >= stages
+    ],
+)
+def test_split_batch(schedule, stages, batch, expected):
+    assert split_batch(batch, MICRO, schedule=schedule, pp_size=2, num_stages=stages) == expected
+
+
+def test_split_batch_rejects_an_empty_batch():
+    with pytest.raises(ValueError, match="at least one sample"):
+        split_batch(0, MICRO, schedule="gpipe", pp_size=2, num_stages=2)
+
+
+def _synthetic_records(m: int = 8, ranks: int = 2, per_rank: int = 2):
+    """An interleaved-like step: a 40 ms wait, then every local stage runs F (0.5 ms) and B (2 ms) of m micro-batches."""
+    from lightning_distnn.parallel.pipeline import TaskRecord
+
+    out = []
+    for rank in range(ranks):
+        out.append(TaskRecord(0, rank, rank, 0, "R", 0.0, 0.04, peer=rank - 1))
+        t = 0.04
+        for local in range(per_rank):
+            stage = rank + local * ranks
+            for kind, duration in (("F", 5e-4), ("B", 2e-3)):
+                for mb in range(m):
+                    out.append(TaskRecord(0, rank, stage, mb, kind, t, t + duration))
+                    t += duration
+    return out
+
+
+def test_gantt_labels_do_not_overlap_at_m8_with_two_stages_per_rank():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lightning_distnn.pipeline_viz import COLORS, draw_timeline
+
+    fig = draw_timeline(_synthetic_records(), title="interleaved, m=8")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert boxes, "no task is labelled"
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), "two task labels overlap"
+    # waits have their own colour
+    assert any(tuple(p.get_facecolor()[:3]) == matplotlib.colors.to_rgb(COLORS["R"]) for p in ax.patches)
+    matplotlib.pyplot.close(fig)
