@@ -295,7 +295,7 @@ class HybridStrategy(MeshStrategy):
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             if self.pipeline is not None:
-                self.pipeline.grad_divisor = float(self.microbatches * max(1, trainer.accumulate_grad_batches))
+                self.pipeline.accumulate_grad_batches = max(1, trainer.accumulate_grad_batches)
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if self.pipeline is not None:
