@@ -45,7 +45,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_distnn._compat import replace_norm_clipping, set_device_mesh
-from lightning_distnn.mesh import Axis, ParallelDims
+from lightning_distnn.mesh import ParallelDims
 from lightning_distnn.parallel.parallelize import DP_WIRE_DTYPES, ParallelNet, parallelize
 from lightning_distnn.parallel.pipeline import (
     check_microbatches,
@@ -59,7 +59,6 @@ from lightning_distnn.strategies._common import (
     check_forward_is_network,
     loss_fn_of,
     sequential_of,
-    world_size_of,
 )
 from lightning_distnn.strategies._pipeline_steps import LocalLayers, PipelineSteps
 from lightning_distnn.strategies._example import ENTRY_POINTS, example_inputs
