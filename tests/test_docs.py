@@ -24,8 +24,8 @@ The convention, for everyone who writes a command into the docs
            Nothing runs (``distnn-train`` lines still compose). For installs and the test suite itself.
 
 A mistyped marker, or a marker that is not right above a shell block, fails the fast test.
-Cost: the fast tests take seconds; the slow ones one toy run (two to four processes) per distinct
-``distnn-train`` line.
+Cost: the fast tests take seconds; the slow ones (markers ``slow`` and ``docs``) one toy run of two to
+four processes per distinct ``distnn-train`` line, about 15 runs: ``pytest -m "not docs"`` leaves them out.
 """
 
 from __future__ import annotations
@@ -290,6 +290,8 @@ def _scratch(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.docs
+@pytest.mark.timeout(1800)  # a block of three 4-process runs on a loaded 2-core machine
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=lambda b: b.id)
 def test_doc_block_runs(block, shim_env, tmp_path):
     cwd = _scratch(tmp_path)
@@ -305,6 +307,7 @@ def test_doc_block_runs(block, shim_env, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.docs
 @pytest.mark.parametrize("prog", list(HELP_PROGRAMS), ids=" ".join)
 def test_doc_command_knows_its_options(prog, shim_env, tmp_path):
     """Commands of compose blocks: ``--help`` works and lists every ``--option`` the documented lines use."""
