@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Optional
 
@@ -63,16 +64,22 @@ class RunStats(pl.Callback):
             trainer.logger.log_metrics({"perf/images_per_s": ips}, step=trainer.global_step)
 
 
-def format_table(rows: list[dict[str, Any]], columns: Optional[list[str]] = None) -> str:
-    """A GitHub-markdown table of ``rows`` (floats with 4 significant digits)."""
-    columns = columns or list(rows[0])
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        if isinstance(v, torch.Tensor):
-            return fmt(v.item())
+def format_number(v: Any) -> str:
+    """One style for every number in a table: from 10,000 on, digits grouped (``1,003,008``, int or
+    float alike); below, ints as they are and floats with 4 significant digits (``0.9778``, ``2055``)."""
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         return str(v)
+    if math.isfinite(v) and abs(v) >= 1e4:
+        return f"{v:,.0f}"
+    return str(v) if isinstance(v, int) else f"{v:.4g}"
+
+
+def format_table(rows: list[dict[str, Any]], columns: Optional[list[str]] = None) -> str:
+    """A GitHub-markdown table of ``rows`` (numbers as :func:`format_number` writes them)."""
+    columns = columns or list(rows[0])
+    fmt = format_number
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]

@@ -80,6 +80,11 @@ class ImageDataModule(pl.LightningDataModule):
     def build_datasets(self) -> tuple[Dataset, Dataset, Dataset]:
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Raise ``FileNotFoundError``/``ValueError`` naming the path and the fix when the data cannot be
+        read. Cheap (no loading); ``distnn-train`` calls it in the launching process, before any rank
+        starts. Data modules without files (digits, synthetic) have nothing to check."""
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is None:
             self.train_set, self.val_set, self.test_set = self.build_datasets()

@@ -85,6 +85,11 @@ class CIFAR10DataModule(ImageDataModule):
         self.val_size = val_size
         self.split_seed = split_seed
 
+    def check(self) -> None:
+        """The six batch files exist (unless ``download`` will fetch them)."""
+        if not self.download:
+            check_cifar10_files(self.data_dir)
+
     def prepare_data(self) -> None:
         if self.download:
             from torchvision.datasets import CIFAR10

@@ -129,6 +129,10 @@ class ImageFolderDataModule(ImageDataModule):
         self.fractions = (val_fraction, test_fraction)
         self.split_seed = split_seed
 
+    def check(self) -> None:
+        """The folder exists and holds class sub-folders with images."""
+        ImageFolderDataset(self.root, self.image_size, self.channels)
+
     def build_datasets(self):
         full = ImageFolderDataset(self.root, self.image_size, self.channels)
         self.num_classes = len(full.classes)

@@ -223,6 +223,11 @@ class SQLiteDataModule(ImageDataModule):
         super().__init__(**kwargs)
         self.path = path
 
+    def check(self) -> None:
+        """The file exists and is a lightning_distnn SQLite dataset (schema and format)."""
+        conn, _ = open_database(self.path)
+        conn.close()
+
     def build_datasets(self):
         train, val, test = (SQLiteDataset(self.path, split) for split in SPLITS)
         self.image_shape = tuple(train.shape)

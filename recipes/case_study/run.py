@@ -14,12 +14,16 @@ Modes:
           and (c), 5 for (b); set --nodes and --devices for several machines)
     toy   width 4, a few steps, 2 / 2 / 2x2 ranks: what CI runs
 
-    python recipes/case_study/run.py --mode cpu             # writes recipes/case_study/results/
+    python recipes/case_study/run.py --mode cpu             # writes outputs/case_study/<date>_<time>/
+    python recipes/case_study/run.py --mode cpu --update-results   # replaces recipes/case_study/results/
     python recipes/case_study/run.py --mode toy --out /tmp/cs
     python recipes/case_study/run.py --mode full --data-dir /data/cifar --devices 10
+    python recipes/case_study/run.py --mode full --dry-run  # compose the three configs, run nothing
 
-It writes `results.md` (the table), `results.json` and `results.png` (accuracy and throughput
-per layout) into --out.
+It writes `results.md` (the table), `results.json`, `results.png` (per layout: test accuracy,
+images/s, parameters per rank, bytes sent per step, pipeline bubble; values on the bars) and
+one log per layout into --out: by default a new scratch directory under ./outputs/case_study/;
+the committed results in recipes/case_study/results/ change only with --update-results.
 """
 
 from __future__ import annotations
@@ -35,9 +39,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"  # the committed results (README's table and picture)
 sys.path.insert(0, str(HERE.parent.parent))
-
-from lightning_distnn.callbacks import format_table  # noqa: E402
 
 # layout -> (experiment config, processes in cpu/full mode, processes in toy mode)
 LAYOUTS: dict[str, tuple[str, int, int]] = {
@@ -90,7 +93,7 @@ def row(layout: str, m: dict[str, Any]) -> dict[str, Any]:
     params = m.get("params_per_rank", [])
     return {
         "layout": layout,
-        "strategy": m.get("strategy"),
+        "strategy": m.get("strategy_description") or m.get("strategy"),
         "processes": m.get("world_size"),
         "test acc": m.get("test/acc", float("nan")),
         "images/s": m.get("images_per_s", float("nan")),
@@ -104,29 +107,72 @@ def row(layout: str, m: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """One panel per quantity, values on the bars: what each layout learns, how fast, what it holds and sends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    from lightning_distnn.callbacks import format_number
+
+    def number(v: Any) -> float:
+        return float(v) if isinstance(v, (int, float)) else float("nan")
+
     names = [r["layout"] for r in rows]
-    axes[0].bar(names, [r["test acc"] for r in rows], color="tab:blue")
-    axes[0].set_ylim(0, 1)
-    axes[0].set_title("test accuracy")
-    axes[1].bar(names, [r["images/s"] for r in rows], color="tab:orange")
-    axes[1].set_title("training images/s")
+    x = range(len(rows))
+    panels = [
+        ("test accuracy", [("", "test acc", "tab:blue")]),
+        ("training images/s", [("", "images/s", "tab:orange")]),
+        ("parameters per rank", [("max", "params/rank (max)", "tab:green"), ("min", "params/rank (min)", "tab:olive")]),
+        ("bytes sent per step (busiest rank)", [("", "bytes sent/step (max rank)", "tab:red")]),
+        ("pipeline bubble", [("measured", "bubble measured", "tab:purple"), ("theory", "bubble theory", "tab:gray")]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
+    for ax, (panel_title, series) in zip(axes, panels):
+        width = 0.8 / len(series)
+        for i, (label, key, color) in enumerate(series):
+            values = [number(r.get(key)) for r in rows]
+            offsets = [xi + (i - (len(series) - 1) / 2) * width for xi in x]
+            bars = ax.bar(offsets, [0 if v != v else v for v in values], width, color=color, label=label or None)
+            ax.bar_label(bars, labels=["-" if v != v else format_number(v) for v in values],
+                         fontsize=8 if len(series) == 1 else 7, padding=2)
+        ax.set_xticks(list(x), names)
+        ax.set_title(panel_title, fontsize=10)
+        ax.margins(y=0.18)
+        if any(label for label, _, _ in series):
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(series), frameon=False)
+    axes[0].set_ylim(0, 1.1)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def dry_run(overrides_per_layout: dict[str, list[str]]) -> None:
+    """Compose each layout's config (what ``distnn-train ... --cfg job`` prints) without running anything."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lightning_distnn.train import CONF_DIR
+
+    for layout, overrides in overrides_per_layout.items():
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+        strategy = {k: v for k, v in cfg.strategy.items() if k in ("_target_", "dp", "pp", "tp", "schedule", "microbatches")}
+        print(f"{layout}: distnn-train {' '.join(overrides)}\n    strategy {strategy}, devices {cfg.trainer.devices} "
+              f"x nodes {cfg.trainer.num_nodes}, data {cfg.data._target_.rsplit('.', 1)[-1]}, batch {cfg.data.batch_size}")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=sorted(MODES), default="cpu")
     parser.add_argument("--layouts", default="data,model,hybrid", help="comma-separated subset of data,model,hybrid")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: a new ./outputs/case_study/<date>_<time>/)")
+    parser.add_argument("--update-results", action="store_true",
+                        help=f"write into the committed results ({RESULTS}) that the README shows")
+    parser.add_argument("--dry-run", action="store_true", help="compose the configs of every layout, run nothing")
     parser.add_argument("--devices", type=int, default=None, help="processes per node (default: layout / nodes)")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 folder (full mode)")
@@ -136,13 +182,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     unknown = [name for name in layouts if name not in LAYOUTS]
     if unknown:
         parser.error(f"unknown layouts {unknown}; valid: {', '.join(LAYOUTS)}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.update_results and args.mode == "toy":
+        parser.error(f"--update-results replaces the committed results ({RESULTS}), which come from --mode cpu: "
+                     "a toy run must not overwrite them. Use --mode cpu (or full), or drop --update-results.")
+    if args.update_results and args.out is not None:
+        parser.error(f"--update-results writes to {RESULTS}: drop --out (or drop --update-results to write to --out).")
     extra = list(args.overrides) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+    per_layout = {name: layout_overrides(name, args.mode, args.devices, args.nodes) + extra for name in layouts}
+    if args.dry_run:
+        dry_run(per_layout)
+        return []
+    from lightning_distnn.callbacks import format_table
+
+    if args.out is None:
+        args.out = RESULTS if args.update_results else Path("outputs", "case_study", time.strftime("%Y-%m-%d_%H-%M-%S"))
+    args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         log_dir = Path(tmp)
         for layout in layouts:
-            metrics = run_layout(layout, layout_overrides(layout, args.mode, args.devices, args.nodes) + extra, log_dir)
+            metrics = run_layout(layout, per_layout[layout], log_dir)
             rows.append(row(layout, metrics))
             for name in os.listdir(log_dir):
                 if name.endswith(".log"):
@@ -152,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     (args.out / "results.md").write_text(f"`{command.strip()}`\n\n{table}\n")
     (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
     plot(rows, args.out / "results.png", f"case study ({args.mode} mode)")
-    print("\n" + table)
+    print(f"\n{table}\n\nresults in {args.out}")
     return rows
 
 
