@@ -75,9 +75,9 @@ def test_hybrid_layouts_match_single_process():
 EPOCH_SAMPLES = 32  # 2 steps of 16 per epoch
 
 
-def _reference_two_epochs():
+def _reference_two_epochs(**cnn):
     x, y = digits_tensors(EPOCH_SAMPLES)
-    module = tiny_classifier(seed=0)
+    module = tiny_classifier(seed=0, **cnn)
     ref = copy.deepcopy(module)
     optimizer = ref.configure_optimizers()
     for epoch in range(2):
