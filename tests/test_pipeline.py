@@ -20,6 +20,7 @@ from lightning_distnn.parallel.pipeline import (
 from lightning_distnn.strategies import PipelineStrategy
 from lightning_distnn.checkpoint import load_distributed
 from lightning_distnn.testing import assert_state_dicts_close, run_distributed
+from tests.test_hybrid import _reference_two_epochs
 from lightning_distnn.testing.equivalence import (
     FixedDataModule,
     digits_tensors,
@@ -30,6 +31,7 @@ from lightning_distnn.testing.equivalence import (
 )
 
 STEPS, GLOBAL_BATCH, MICRO = 3, 16, 4
+EPOCH_SAMPLES = 32  # the checkpoint test: 2 steps per epoch (tests.test_hybrid._reference_two_epochs)
 # (schedule, partition, gradient_clip_val): every schedule, 2 ranks, 2 stages per rank for looped/V ones
 CASES = [
     ("gpipe", "uniform", None),
@@ -65,18 +67,32 @@ def _train_every_schedule(rank, world_size, cases, ckpt_path):
             "records": len(strategy.pipeline.timeline.records),
         }
 
-    # checkpoint after 2 steps, resume to 4: same weights as 4 uninterrupted steps (one batch per epoch, so
-    # the result does not depend on where Lightning restarts the epoch)
-    data = FixedDataModule(x[:GLOBAL_BATCH], y[:GLOBAL_BATCH], GLOBAL_BATCH)
+    # checkpoint after the first epoch (2 steps), resume from it (other initial weights, so everything must come
+    # from the checkpoint) to the end of the second: the weights, the momentum and the loop's step all count
+    data = FixedDataModule(x[:EPOCH_SAMPLES], y[:EPOCH_SAMPLES], GLOBAL_BATCH)
     module = tiny_classifier(seed=0)
-    trainer = quiet_trainer(PipelineStrategy(schedule="1f1b", microbatches=MICRO, partition="uniform"), world_size, 2)
+    trainer = quiet_trainer(PipelineStrategy(schedule="1f1b", microbatches=MICRO, partition="uniform"), world_size,
+                            -1, max_epochs=1)
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(ckpt_path)
-    module = tiny_classifier(seed=0)
+    module = tiny_classifier(seed=123)
     strategy = PipelineStrategy(schedule="1f1b", microbatches=MICRO, partition="uniform")
-    trainer = quiet_trainer(strategy, world_size, 4, limit_val_batches=1.0)
+    trainer = quiet_trainer(strategy, world_size, -1, max_epochs=2, limit_val_batches=1.0)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    results["resumed"] = _local_net_state(module)
+    results["resumed"] = (trainer.global_step, _local_net_state(module))
+
+    # the same pipeline checkpoint resumed into another layout: a hybrid with the layers sharded tp=2
+    from torch.distributed.tensor import DTensor
+
+    from lightning_distnn.strategies import HybridStrategy
+
+    hybrid_module = tiny_classifier(seed=123)
+    hybrid = quiet_trainer(HybridStrategy(dp=1, pp=1, tp=2, timeout=60), world_size, -1, max_epochs=2)
+    hybrid.fit(hybrid_module, datamodule=data, ckpt_path=ckpt_path)
+    results["hybrid_resumed"] = (hybrid.global_step, {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+        for k, v in hybrid_module.net.state_dict().items()
+    })
 
     # evaluation loops on the trained pipeline: a batch of 10 does not split into 4 (padded in eval)
     evaluation = FixedDataModule(x[-GLOBAL_BATCH:][:10], y[-GLOBAL_BATCH:][:10], 10)
@@ -159,20 +175,18 @@ def test_every_schedule_matches_single_process(tmp_path):
             assert r[i]["bytes"]["sent"] > 0 and r[i]["bytes"]["received"] > 0
             assert r[i]["records"] > 0
 
-    # checkpoint resume (weights and momentum) equals uninterrupted training
+    # checkpoint resume (weights, momentum, step) equals uninterrupted training, in the pipeline and in a hybrid
+    expected4 = _reference_two_epochs()
     resumed = {}
     for r in per_rank:
-        resumed.update(r["resumed"])
-    same_batch = torch.arange(GLOBAL_BATCH).repeat(4)
-    expected4 = reference_train(tiny_classifier(seed=0), x[same_batch], y[same_batch], GLOBAL_BATCH, 4,
-                                order=torch.arange(4 * GLOBAL_BATCH))
+        assert r["resumed"][0] == 4 and r["hybrid_resumed"][0] == 4
+        resumed.update(r["resumed"][1])
+        assert_state_dicts_close(r["hybrid_resumed"][1], expected4, atol=1e-5)
     assert_state_dicts_close(resumed, expected4, atol=1e-5)
-    # the checkpoint holds the full model: it loads into an unsplit module (= the reference after 2 steps)
+    # the checkpoint holds the full model: it loads into an unsplit module (= the reference after 1 epoch)
     full = ImageClassifier(tiny_classifier(seed=1).net)
     load_distributed(ckpt, full)  # a DCP directory keyed by the unsplit model's names, no process group
-    ref2 = reference_train(tiny_classifier(seed=0), x[same_batch], y[same_batch], GLOBAL_BATCH, 2,
-                           order=torch.arange(4 * GLOBAL_BATCH))
-    assert_state_dicts_close({k: v for k, v in full.net.state_dict().items()}, ref2, atol=1e-5)
+    assert_state_dicts_close({k: v for k, v in full.net.state_dict().items()}, _reference_two_epochs(epochs=1), atol=1e-5)
 
     # validate / test / predict on the trained pipeline equal one process with the same weights
     ref = tiny_classifier(seed=0)
