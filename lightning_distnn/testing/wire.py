@@ -80,8 +80,6 @@ def _group_size(group: Any) -> int:
 class WireCounter:
     """Records torch.distributed calls of this process while active (see the module docstring)."""
 
-    _active_lock = threading.Lock()
-
     def __init__(self, *, functional: bool = False) -> None:
         self.functional = functional
         self.records: list[Call] = []
@@ -109,7 +107,6 @@ class WireCounter:
             finally:
                 counter._local.depth = depth
 
-        wrapper.__wire_original__ = fn
         return wrapper
 
     def _describe(self, name: str, args, kwargs) -> Call:
@@ -139,31 +136,30 @@ class WireCounter:
 
     # -- entering / leaving -----------------------------------------------------------------------
     def __enter__(self) -> "WireCounter":
-        if not WireCounter._active_lock.acquire(blocking=False):
-            raise RuntimeError("A WireCounter is already active in this process; nest none.")
         names = list(_TENSOR_ARG) + list(_OBJECT_OPS) + ["batch_isend_irecv"]
+        wrappers: dict[int, Any] = {}  # one wrapper per function: P2POp checks `op in (isend, irecv)` by identity
         for module in (dist, c10d):
             for name in names:
                 fn = getattr(module, name, None)
                 if fn is None:
                     continue
+                if id(fn) not in wrappers:  # an active counter's wrapper is wrapped again: counters nest
+                    wrappers[id(fn)] = self._wrap(name, fn)
                 self._saved.append((module, name, fn))
-                setattr(module, name, self._wrap(name, getattr(fn, "__wire_original__", fn)))
+                setattr(module, name, wrappers[id(fn)])
         if self.functional:
             self._mode = _FunctionalCollectives(self)
             self._mode.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            if self._mode is not None:
-                self._mode.__exit__(*exc)
-                self._mode = None
-            for module, name, fn in reversed(self._saved):
-                setattr(module, name, fn)
-            self._saved.clear()
-        finally:
-            WireCounter._active_lock.release()
+        """Stop counting (counters nest: leave them in the reverse order of entering)."""
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
+            self._mode = None
+        for module, name, fn in reversed(self._saved):
+            setattr(module, name, fn)
+        self._saved.clear()
 
     # -- reading --------------------------------------------------------------------------------
     def calls(self, ops: Optional[Iterable[str]] = None) -> list[Call]:
