@@ -86,7 +86,7 @@ def test_dp_resume_and_parameter_server_paths(tmp_path):
         assert_state_dicts_close(r["topk_all"], expected["topk_all"], atol=1e-5)
         movement = {k: (expected["fp16"][k] - initial[k]).abs().max().item() for k in initial}
         relative = max((r["fp16"][k] - expected["fp16"][k]).abs().max().item() / movement[k] for k in initial)
-        assert 0 < relative < 0.01, relative
+        assert 0 < relative < 0.05, relative  # fp16 pushes, fp32 average and step on the server
         assert r["resumed"][0] == 4
         assert_state_dicts_close(r["resumed"][1], two_epochs, atol=1e-5)
 

@@ -19,7 +19,9 @@ from lightning_distnn.parallel.pipeline import (
 )
 from lightning_distnn.strategies import PipelineStrategy
 from lightning_distnn.checkpoint import load_distributed
+from lightning_distnn.callbacks import RunStats
 from lightning_distnn.testing import assert_state_dicts_close, run_distributed
+from lightning_distnn.testing.wire import WireCounter
 from tests.test_hybrid import _reference_two_epochs
 from lightning_distnn.testing.equivalence import (
     FixedDataModule,
@@ -55,8 +57,11 @@ def _train_every_schedule(rank, world_size, cases, ckpt_path):
     for i, (schedule, partition, clip) in enumerate(cases):
         module = tiny_classifier(seed=0)
         strategy = PipelineStrategy(schedule=schedule, microbatches=MICRO, partition=partition, timeout=60)
-        trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS, gradient_clip_val=clip)
-        trainer.fit(module, datamodule=FixedDataModule(x[: STEPS * GLOBAL_BATCH], y[: STEPS * GLOBAL_BATCH], GLOBAL_BATCH))
+        stats = RunStats(warmup_steps=1)
+        trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS, gradient_clip_val=clip, callbacks=[stats])
+        with WireCounter() as wire:
+            trainer.fit(module, datamodule=FixedDataModule(x[: STEPS * GLOBAL_BATCH], y[: STEPS * GLOBAL_BATCH], GLOBAL_BATCH))
+        last_step = strategy.pipeline.timeline.of_step()
         results[i] = {
             "state": _local_net_state(module),
             "loss": float(trainer.callback_metrics["train/loss"]),
@@ -64,7 +69,9 @@ def _train_every_schedule(rank, world_size, cases, ckpt_path):
             "plan": strategy.pipeline.plan.counts,
             "bubble": strategy.pipeline_bubble(),
             "bytes": strategy.comm_bytes_per_step(),
-            "records": len(strategy.pipeline.timeline.records),
+            "tasks": sorted((r.stage, r.microbatch, r.kind) for r in last_step),
+            "wire": (wire.bytes(["isend"]) / STEPS, wire.bytes(["irecv"]) / STEPS),
+            "images": stats.images,
         }
 
     # checkpoint after the first epoch (2 steps), resume from it (other initial weights, so everything must come
@@ -170,10 +177,22 @@ def test_every_schedule_matches_single_process(tmp_path):
             assert per_rank_stages == [[0, 2], [1, 3]]
         if isinstance(partition, list):
             assert per_rank[0][i]["plan"] == partition
-        for r in per_rank:
+        stages_per_rank = 1 if schedule in ("gpipe", "1f1b") else 2
+        for rank, r in enumerate(per_rank):
+            assert r[i]["bubble"]["theory"] == pytest.approx(theoretical_bubble(schedule, 2, MICRO, stages_per_rank))
             assert 0.0 <= r[i]["bubble"]["measured"] < 1.0
-            assert r[i]["bytes"]["sent"] > 0 and r[i]["bytes"]["received"] > 0
-            assert r[i]["records"] > 0
+            # the bytes it reports are the bytes it handed to torch.distributed (isend/irecv), per step
+            assert r[i]["wire"] == (r[i]["bytes"]["sent"], r[i]["bytes"]["received"]), (schedule, rank)
+            # the last step ran one forward and a backward (B, or I and W) of every micro-batch on each local stage
+            tasks = r[i]["tasks"]
+            for stage in per_rank_stages[rank]:
+                for mb in range(MICRO):
+                    kinds = {k for s_, m, k in tasks if (s_, m) == (stage, mb)}
+                    assert "F" in kinds and kinds & {"B", "I", "W"}, (schedule, stage, mb, kinds)
+            # RunStats counts the global batch once (one replica), not once per pipeline rank
+            assert r[i]["images"] == (STEPS - 1) * GLOBAL_BATCH
+        # what one rank sends, the other receives
+        assert per_rank[0][i]["bytes"]["sent"] == per_rank[1][i]["bytes"]["received"]
 
     # checkpoint resume (weights, momentum, step) equals uninterrupted training, in the pipeline and in a hybrid
     expected4 = _reference_two_epochs()
