@@ -35,9 +35,10 @@ def _tabular(n):
     return torch.randn(n, COLUMNS, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def _plain_reference(partition, x, y, *, steps_per_epoch, epochs):
+def _plain_reference(partition, x, y, *, steps_per_epoch, epochs, model=None, slices=None):
     """Bottoms and top copied from the seed-0 model, trained in plain torch on hand-cut slices."""
-    model = _model(partition)
+    model = model or _model(partition)
+    slices = slices or SLICES[partition]
     bottoms = [copy.deepcopy(b) for b in model.net.bottoms]
     top = copy.deepcopy(model.net.top)
     params = [p for b in bottoms for p in b.parameters()] + list(top.parameters())
@@ -47,7 +48,7 @@ def _plain_reference(partition, x, y, *, steps_per_epoch, epochs):
         xe, ye = x[order], y[order]
         for step in range(steps_per_epoch):
             xb, yb = xe[step * BATCH: (step + 1) * BATCH], ye[step * BATCH: (step + 1) * BATCH]
-            features = torch.cat([b(xb[s]).flatten(1) for b, s in zip(bottoms, SLICES[partition])], dim=1)
+            features = torch.cat([b(xb[s]).flatten(1) for b, s in zip(bottoms, slices)], dim=1)
             opt.zero_grad()
             F.cross_entropy(top(features), yb).backward()
             opt.step()

@@ -50,7 +50,7 @@ def _paths(rank, world_size, gantt):
     for schedule in ("interleaved_1f1b", "zbv_zero_bubble"):
         module = tiny_classifier(seed=0)
         trainer = quiet_trainer(PipelineStrategy(schedule=schedule, microbatches=MICRO, partition="uniform", timeout=60),
-                                world_size, 1)
+                                world_size, 1, limit_val_batches=1.0)
         out[schedule] = {
             "val": trainer.validate(module, datamodule=evaluation, verbose=False)[0]["val/loss"],
             "test": trainer.test(module, datamodule=evaluation, verbose=False)[0]["test/loss"],
