@@ -26,19 +26,26 @@ LAYOUTS = {  # name -> HybridStrategy kwargs (4 processes each)
 }
 
 
-def _full_state(strategy, module):
-    """The unsplit network's weights on every rank (DTensors gathered, stages merged)."""
+def _local_state(strategy, module):
+    """This rank's layers, DTensors gathered to full tensors, and the data-parallel replica it belongs to."""
     from torch.distributed.tensor import DTensor
 
     local = {}
     for name, value in module.net.state_dict().items():
         value = value.full_tensor() if isinstance(value, DTensor) else value
         local[name] = value.detach().cpu().clone()
-    parts = [None] * strategy.world_size
-    torch.distributed.all_gather_object(parts, local)
-    merged = {}
-    for part in parts:
-        merged.update(part)
+    return {"replica": strategy.distributed_sampler_kwargs["rank"], "state": local}
+
+
+def _replicas(per_rank):
+    """{dp replica: the unsplit network merged from that replica's ranks}; tp peers must hold equal tensors."""
+    merged: dict = {}
+    for result in per_rank:
+        replica = merged.setdefault(result["replica"], {})
+        for name, value in result["state"].items():
+            if name in replica:
+                assert torch.equal(replica[name], value), f"replica {result['replica']}: ranks disagree on {name}"
+            replica[name] = value
     return merged
 
 
@@ -51,7 +58,7 @@ def _train_layouts(rank, world_size, layouts):
         strategy = HybridStrategy(timeout=60, **kwargs)
         trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS)
         trainer.fit(module, datamodule=FixedDataModule(x, y, GLOBAL_BATCH // kwargs["dp"]))
-        out[name] = _full_state(strategy, module)
+        out[name] = _local_state(strategy, module)
         dims = strategy.parallel_dims
         out[name + "/dims"] = (dims.dp, dims.pp, dims.tp)
     return out
@@ -63,24 +70,28 @@ def test_hybrid_layouts_match_single_process():
     x, y = digits_tensors(STEPS * GLOBAL_BATCH)
     expected = reference_train(tiny_classifier(seed=0), x, y, GLOBAL_BATCH, STEPS)
     for name, kwargs in LAYOUTS.items():
-        for rank, result in enumerate(results):
+        for result in results:
             assert result[name + "/dims"] == (kwargs["dp"], kwargs["pp"], kwargs["tp"])
+        replicas = _replicas([result[name] for result in results])
+        assert sorted(replicas) == list(range(kwargs["dp"])), (name, sorted(replicas))
+        for replica, state in replicas.items():  # every replica, replica 0 included
             try:
-                assert_state_dicts_close(result[name], expected, atol=1e-5)
+                assert_state_dicts_close(state, expected, atol=1e-5)
             except AssertionError as err:
-                raise AssertionError(f"layout {name}, rank {rank}: {err}") from None
+                raise AssertionError(f"layout {name}, dp replica {replica}: {err}") from None
 
 
 # ---- resharding: save under one layout, resume under another ------------------------------
 EPOCH_SAMPLES = 32  # 2 steps of 16 per epoch
 
 
-def _reference_two_epochs():
+def _reference_two_epochs(epochs=2, **cnn):
+    """One process, SGD with momentum, ``epochs`` epochs of 2 steps in the sampler's order."""
     x, y = digits_tensors(EPOCH_SAMPLES)
-    module = tiny_classifier(seed=0)
+    module = tiny_classifier(seed=0, **cnn)
     ref = copy.deepcopy(module)
     optimizer = ref.configure_optimizers()
-    for epoch in range(2):
+    for epoch in range(epochs):
         order = sampler_order(EPOCH_SAMPLES, epoch=epoch)
         xe, ye = x[order], y[order]
         for step in range(EPOCH_SAMPLES // GLOBAL_BATCH):

@@ -19,7 +19,10 @@ from lightning_distnn.parallel.pipeline import (
 )
 from lightning_distnn.strategies import PipelineStrategy
 from lightning_distnn.checkpoint import load_distributed
+from lightning_distnn.callbacks import RunStats
 from lightning_distnn.testing import assert_state_dicts_close, run_distributed
+from lightning_distnn.testing.wire import WireCounter
+from tests.test_hybrid import _reference_two_epochs
 from lightning_distnn.testing.equivalence import (
     FixedDataModule,
     digits_tensors,
@@ -30,6 +33,7 @@ from lightning_distnn.testing.equivalence import (
 )
 
 STEPS, GLOBAL_BATCH, MICRO = 3, 16, 4
+EPOCH_SAMPLES = 32  # the checkpoint test: 2 steps per epoch (tests.test_hybrid._reference_two_epochs)
 # (schedule, partition, gradient_clip_val): every schedule, 2 ranks, 2 stages per rank for looped/V ones
 CASES = [
     ("gpipe", "uniform", None),
@@ -53,8 +57,11 @@ def _train_every_schedule(rank, world_size, cases, ckpt_path):
     for i, (schedule, partition, clip) in enumerate(cases):
         module = tiny_classifier(seed=0)
         strategy = PipelineStrategy(schedule=schedule, microbatches=MICRO, partition=partition, timeout=60)
-        trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS, gradient_clip_val=clip)
-        trainer.fit(module, datamodule=FixedDataModule(x[: STEPS * GLOBAL_BATCH], y[: STEPS * GLOBAL_BATCH], GLOBAL_BATCH))
+        stats = RunStats(warmup_steps=1)
+        trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS, gradient_clip_val=clip, callbacks=[stats])
+        with WireCounter() as wire:
+            trainer.fit(module, datamodule=FixedDataModule(x[: STEPS * GLOBAL_BATCH], y[: STEPS * GLOBAL_BATCH], GLOBAL_BATCH))
+        last_step = strategy.pipeline.timeline.of_step()
         results[i] = {
             "state": _local_net_state(module),
             "loss": float(trainer.callback_metrics["train/loss"]),
@@ -62,21 +69,37 @@ def _train_every_schedule(rank, world_size, cases, ckpt_path):
             "plan": strategy.pipeline.plan.counts,
             "bubble": strategy.pipeline_bubble(),
             "bytes": strategy.comm_bytes_per_step(),
-            "records": len(strategy.pipeline.timeline.records),
+            "tasks": sorted((r.stage, r.microbatch, r.kind) for r in last_step),
+            "wire": (wire.bytes(["isend"]) / STEPS, wire.bytes(["irecv"]) / STEPS),
+            "images": stats.images,
         }
 
-    # checkpoint after 2 steps, resume to 4: same weights as 4 uninterrupted steps (one batch per epoch, so
-    # the result does not depend on where Lightning restarts the epoch)
-    data = FixedDataModule(x[:GLOBAL_BATCH], y[:GLOBAL_BATCH], GLOBAL_BATCH)
+    # checkpoint after the first epoch (2 steps), resume from it (other initial weights, so everything must come
+    # from the checkpoint) to the end of the second: the weights, the momentum and the loop's step all count
+    data = FixedDataModule(x[:EPOCH_SAMPLES], y[:EPOCH_SAMPLES], GLOBAL_BATCH)
     module = tiny_classifier(seed=0)
-    trainer = quiet_trainer(PipelineStrategy(schedule="1f1b", microbatches=MICRO, partition="uniform"), world_size, 2)
+    trainer = quiet_trainer(PipelineStrategy(schedule="1f1b", microbatches=MICRO, partition="uniform"), world_size,
+                            -1, max_epochs=1)
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(ckpt_path)
-    module = tiny_classifier(seed=0)
+    module = tiny_classifier(seed=123)
     strategy = PipelineStrategy(schedule="1f1b", microbatches=MICRO, partition="uniform")
-    trainer = quiet_trainer(strategy, world_size, 4, limit_val_batches=1.0)
+    trainer = quiet_trainer(strategy, world_size, -1, max_epochs=2, limit_val_batches=1.0)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    results["resumed"] = _local_net_state(module)
+    results["resumed"] = (trainer.global_step, _local_net_state(module))
+
+    # the same pipeline checkpoint resumed into another layout: a hybrid with the layers sharded tp=2
+    from torch.distributed.tensor import DTensor
+
+    from lightning_distnn.strategies import HybridStrategy
+
+    hybrid_module = tiny_classifier(seed=123)
+    hybrid = quiet_trainer(HybridStrategy(dp=1, pp=1, tp=2, timeout=60), world_size, -1, max_epochs=2)
+    hybrid.fit(hybrid_module, datamodule=data, ckpt_path=ckpt_path)
+    results["hybrid_resumed"] = (hybrid.global_step, {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+        for k, v in hybrid_module.net.state_dict().items()
+    })
 
     # evaluation loops on the trained pipeline: a batch of 10 does not split into 4 (padded in eval)
     evaluation = FixedDataModule(x[-GLOBAL_BATCH:][:10], y[-GLOBAL_BATCH:][:10], 10)
@@ -154,25 +177,35 @@ def test_every_schedule_matches_single_process(tmp_path):
             assert per_rank_stages == [[0, 2], [1, 3]]
         if isinstance(partition, list):
             assert per_rank[0][i]["plan"] == partition
-        for r in per_rank:
+        stages_per_rank = 1 if schedule in ("gpipe", "1f1b") else 2
+        for rank, r in enumerate(per_rank):
+            assert r[i]["bubble"]["theory"] == pytest.approx(theoretical_bubble(schedule, 2, MICRO, stages_per_rank))
             assert 0.0 <= r[i]["bubble"]["measured"] < 1.0
-            assert r[i]["bytes"]["sent"] > 0 and r[i]["bytes"]["received"] > 0
-            assert r[i]["records"] > 0
+            # the bytes it reports are the bytes it handed to torch.distributed (isend/irecv), per step
+            assert r[i]["wire"] == (r[i]["bytes"]["sent"], r[i]["bytes"]["received"]), (schedule, rank)
+            # the last step ran one forward and a backward (B, or I and W) of every micro-batch on each local stage
+            tasks = r[i]["tasks"]
+            for stage in per_rank_stages[rank]:
+                for mb in range(MICRO):
+                    kinds = {k for s_, m, k in tasks if (s_, m) == (stage, mb)}
+                    assert "F" in kinds and kinds & {"B", "I", "W"}, (schedule, stage, mb, kinds)
+            # RunStats counts the global batch once (one replica), not once per pipeline rank
+            assert r[i]["images"] == (STEPS - 1) * GLOBAL_BATCH
+        # what one rank sends, the other receives
+        assert per_rank[0][i]["bytes"]["sent"] == per_rank[1][i]["bytes"]["received"]
 
-    # checkpoint resume (weights and momentum) equals uninterrupted training
+    # checkpoint resume (weights, momentum, step) equals uninterrupted training, in the pipeline and in a hybrid
+    expected4 = _reference_two_epochs()
     resumed = {}
     for r in per_rank:
-        resumed.update(r["resumed"])
-    same_batch = torch.arange(GLOBAL_BATCH).repeat(4)
-    expected4 = reference_train(tiny_classifier(seed=0), x[same_batch], y[same_batch], GLOBAL_BATCH, 4,
-                                order=torch.arange(4 * GLOBAL_BATCH))
+        assert r["resumed"][0] == 4 and r["hybrid_resumed"][0] == 4
+        resumed.update(r["resumed"][1])
+        assert_state_dicts_close(r["hybrid_resumed"][1], expected4, atol=1e-5)
     assert_state_dicts_close(resumed, expected4, atol=1e-5)
-    # the checkpoint holds the full model: it loads into an unsplit module (= the reference after 2 steps)
+    # the checkpoint holds the full model: it loads into an unsplit module (= the reference after 1 epoch)
     full = ImageClassifier(tiny_classifier(seed=1).net)
     load_distributed(ckpt, full)  # a DCP directory keyed by the unsplit model's names, no process group
-    ref2 = reference_train(tiny_classifier(seed=0), x[same_batch], y[same_batch], GLOBAL_BATCH, 2,
-                           order=torch.arange(4 * GLOBAL_BATCH))
-    assert_state_dicts_close({k: v for k, v in full.net.state_dict().items()}, ref2, atol=1e-5)
+    assert_state_dicts_close({k: v for k, v in full.net.state_dict().items()}, _reference_two_epochs(epochs=1), atol=1e-5)
 
     # validate / test / predict on the trained pipeline equal one process with the same weights
     ref = tiny_classifier(seed=0)

@@ -48,7 +48,37 @@ def test_workers_open_their_own_connections(database, tensors):
     loader = DataLoader(ds, batch_size=10, num_workers=2, shuffle=False)
     xs, ys = zip(*loader)
     assert torch.equal(torch.cat(xs), x[:64]) and torch.equal(torch.cat(ys), y[:64])
-    assert ds._conn is None  # the parent never opened one: every worker queried on its own
+
+
+class _Tracing(SQLiteDataset):
+    """Each sample also tells which process read it through which connection object."""
+
+    def __getitem__(self, index):
+        import os
+
+        img, label = super().__getitem__(index)
+        return img, label, os.getpid(), id(self.connection())
+
+    def __getitems__(self, indices):
+        return [self[i] for i in indices]
+
+
+def test_forked_workers_do_not_reuse_the_parents_open_connection(database, tensors):
+    import os
+
+    x, y = tensors
+    ds = _Tracing(database, "train")
+    _, _, parent_pid, parent_conn = ds[0]  # the parent opens a connection before the workers fork
+    assert parent_pid == os.getpid()
+    loader = DataLoader(ds, batch_size=10, num_workers=2, shuffle=False, multiprocessing_context="fork")
+    xs, ys, pids, conns = zip(*loader)
+    assert torch.equal(torch.cat(xs), x[:64]) and torch.equal(torch.cat(ys), y[:64])
+    pids, conns = torch.cat(pids).tolist(), torch.cat(conns).tolist()
+    assert parent_pid not in pids and len(set(pids)) == 2
+    # a forked worker inherits the parent's connection object at the same address: it must open its own
+    assert parent_conn not in conns
+    img, label, _, conn = ds[5]  # and the parent's connection still answers afterwards
+    assert conn == parent_conn and torch.equal(img, x[5])
 
 
 def test_errors_name_the_problem_and_the_fix(tmp_path, database):

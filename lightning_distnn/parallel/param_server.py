@@ -387,6 +387,58 @@ class ParameterServerGroup:
                 "or timed out; check its log. The job ends here instead of hanging."
             ) from exc
 
+    # -- checkpoints: the servers' optimizer state lives in the servers, not in the workers' optimizer --
+    def export_state(self, optimizer: torch.optim.Optimizer, *, group: Optional[dist.ProcessGroup] = None) -> None:
+        """Copy every server's optimizer state (e.g. SGD momentum, Adam moments) into ``optimizer``,
+        the workers' optimizer over the module's parameters, so that saving ``optimizer`` saves it.
+
+        The workers' optimizer never steps under a parameter server (the servers do), so its state is
+        empty until this runs. A collective over ``group`` (default: all ranks): every rank calls it,
+        between steps (sync mode: after :meth:`push_pull` returned; any mode: after :meth:`close`).
+        """
+        local: dict[int, dict] = {}
+        if self.server is not None:
+            for j, i in enumerate(self.plan.indices(self.rank)):
+                state = self.server.optimizer.state.get(self.server.params[j])
+                if state:
+                    local[i] = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+        parts: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, local, group=group)
+        for part in parts:
+            for i, state in part.items():
+                p = self.params[i]
+                optimizer.state[p] = {
+                    k: (v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in state.items()
+                }
+
+    def import_state(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Seed this rank's server from the module's current parameters and ``optimizer``'s state.
+
+        Call it after a checkpoint was restored into the module and the workers' optimizer (as written
+        by :meth:`export_state`) and before the first :meth:`push_pull`: the server copied the
+        parameters when it was built, before the restore, and would otherwise serve those. Local (no
+        communication); a rank without a server does nothing.
+        """
+        if self.server is None:
+            return
+        if self.step:
+            raise RuntimeError(
+                f"import_state() after {self.step} push_pull() calls: call it once, before the first step."
+            )
+        with torch.no_grad():
+            for j, i in enumerate(self.plan.indices(self.rank)):
+                served, source = self.server.params[j], self.params[i]
+                served.copy_(source.detach().to(served.device, served.dtype))
+                state = optimizer.state.get(source) if optimizer is not None else None
+                if state:
+                    self.server.optimizer.state[served] = {
+                        k: (v.detach().clone().to(served.device) if isinstance(v, torch.Tensor) and v.dim() > 0
+                            else v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                        for k, v in state.items()
+                    }
+                else:
+                    self.server.optimizer.state.pop(served, None)
+
     def close(self) -> None:
         """Tell every server this worker is done; join the co-located server."""
         if self.closed:

@@ -1,4 +1,4 @@
-"""Multi-process test harness for gloo: free ports, one thread per rank, bounded time.
+"""Multi-process test harness for gloo: a race-free rendezvous, one process per rank, bounded time.
 
 ``run_distributed(fn, world_size, *args)`` starts ``world_size`` fresh processes (spawn), sets the
 torch.distributed environment variables (``MASTER_ADDR/PORT``, ``RANK``, ``LOCAL_RANK``,
@@ -24,10 +24,22 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
-    """A TCP port that is free on localhost right now."""
+    """A TCP port that is free on localhost right now (it may be taken again before it is used:
+    :func:`run_distributed` does not rely on it, see :func:`_rendezvous_store`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _rendezvous_store():
+    """A TCPStore server held by this (parent) process on a port the OS picked and keeps bound.
+
+    The ranks connect to it as clients (``TORCHELASTIC_USE_AGENT_STORE=True``, the way torchrun's agent
+    hosts the store), so no port is picked, released and re-bound: two jobs can never race for it.
+    """
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=300))
 
 
 class DistributedTestError(RuntimeError):
@@ -46,6 +58,7 @@ def _entry(fn, rank, world_size, port, init_process_group, pg_timeout, env, resu
             "WORLD_SIZE": str(world_size),
             "LOCAL_WORLD_SIZE": str(world_size),
             "OMP_NUM_THREADS": "1",
+            "TORCHELASTIC_USE_AGENT_STORE": "True",  # every rank is a client of the parent's store
         }
     )
     torch.set_num_threads(1)
@@ -91,7 +104,8 @@ def run_distributed(
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    store = _rendezvous_store()  # kept alive (and its port bound) until every rank is done
+    port = store.port
     procs = [
         ctx.Process(
             target=_entry,
@@ -135,6 +149,7 @@ def run_distributed(
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+        del store
     if failure is not None:
         raise DistributedTestError(failure)
     return [outputs[r] for r in range(world_size)]
