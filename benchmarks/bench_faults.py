@@ -79,7 +79,7 @@ def victim(args) -> None:
         raise SystemExit(f"--strategy {args.strategy} runs on {world} processes, torchrun gave {os.environ['WORLD_SIZE']}")
     torch.set_num_threads(1)
     x, y = digits_tensors(512)
-    callbacks = [FaultMonitor(grace=args.grace)] if args.monitor else []
+    callbacks = [FaultMonitor(grace=args.grace, hang_after=args.hang_after)] if args.monitor else []
     callbacks.append(Saboteur(args.victim, getattr(signal, f"SIG{args.signal}"), args.at_step))
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, strategy=make_strategy(args.strategy, args.timeout), max_steps=args.steps,
@@ -88,6 +88,74 @@ def victim(args) -> None:
     )
     trainer.fit(tiny_classifier(), FixedDataModule(x, y, batch_size=8))
     print(f"[victim] rank {trainer.global_rank} finished {trainer.global_step} steps", flush=True)
+
+
+class NodeKiller(pl.Callback):
+    """At ``at_step``, every rank of node ``node`` SIGKILLs its torchrun agent and itself: a lost machine.
+
+    It first waits (up to 120 s) until the newest checkpoint in flight is complete, so the loss is the
+    steps since the last checkpoint (a node lost while a save is in flight loses up to 2K steps).
+    """
+
+    def __init__(self, node: int, at_step: int, ckpt, ranks_per_node: int) -> None:
+        self.node, self.at_step, self.ckpt, self.ranks_per_node = node, at_step, ckpt, ranks_per_node
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.at_step:
+            return
+        if trainer.global_rank // self.ranks_per_node == self.node:
+            from lightning_distnn.checkpoint import newest_complete_checkpoint
+
+            want = self.ckpt.saved_steps[-1] if self.ckpt.saved_steps else None
+            deadline = time.monotonic() + 120
+            while want is not None and time.monotonic() < deadline:
+                found = newest_complete_checkpoint(self.ckpt.dirpath, verify=False)
+                if found is not None and found.name == f"step-{want:08d}":
+                    break
+                time.sleep(0.1)
+            print(f"[elastic] node {self.node} dies at step {self.at_step} t={time.time():.3f}", flush=True)
+            if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("DISTNN_KILL_AGENT") == "1":
+                os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FirstStep(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not getattr(self, "_done", False) and trainer.is_global_zero:
+            self._done = True
+            print(f"[elastic] training at step {trainer.global_step} on {trainer.world_size} processes "
+                  f"t={time.time():.3f}", flush=True)
+
+
+def elastic(args) -> None:
+    """One attempt of an elastic run under torchrun: resume="auto", checkpoint every K steps, maybe lose a node."""
+    import lightning_distnn  # noqa: F401
+    from lightning_distnn.elastic import ElasticCheckpoint, resume_path
+    from lightning_distnn.faults import FaultMonitor
+    from lightning_distnn.strategies import DataParallelStrategy
+    from lightning_distnn.testing.equivalence import FixedDataModule, digits_tensors, tiny_classifier
+
+    torch.set_num_threads(1)
+    world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    ckpt = ElasticCheckpoint(args.dir, every_n_steps=args.every, keep=args.keep, async_save=not args.sync_save)
+    callbacks = [FaultMonitor(), ckpt, FirstStep()]
+    if args.kill_node is not None and world > args.min_world:
+        callbacks.append(NodeKiller(args.kill_node, args.kill_at, ckpt, args.ranks_per_node or local))
+    x, y = digits_tensors(args.samples)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=local, num_nodes=world // local, strategy=DataParallelStrategy(timeout=args.timeout),
+        max_steps=args.steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    start = resume_path(args.resume if args.resume != "auto" else "auto", args.dir)
+    if trainer.is_global_zero:
+        print(f"[elastic] world {world}: resume from {start}", flush=True)
+    trainer.fit(tiny_classifier(), FixedDataModule(x, y, batch_size=args.batch), ckpt_path=start)
+    if trainer.is_global_zero:
+        print(f"[elastic] done {trainer.global_step} steps t={time.time():.3f} blocked_ms_per_save="
+              f"{1000 * sum(ckpt.blocked_s) / max(len(ckpt.blocked_s), 1):.2f}", flush=True)
+        if args.out:
+            torch.save({k: v.detach().clone() for k, v in trainer.lightning_module.state_dict().items()}, args.out)
 
 
 def main(argv=None) -> None:
@@ -102,7 +170,24 @@ def main(argv=None) -> None:
     v.add_argument("--timeout", type=float, default=20.0)
     v.add_argument("--grace", type=float, default=2.0)
     v.add_argument("--monitor", action="store_true")
+    v.add_argument("--hang-after", type=float, default=None, help="FaultMonitor(hang_after=...), default: timeout")
     v.set_defaults(fn=victim)
+    e = sub.add_parser("elastic", help="one attempt of an elastic run (start it with torchrun)")
+    e.add_argument("--dir", required=True, help="the run's checkpoint directory")
+    e.add_argument("--every", type=int, default=5, help="K: checkpoint every K steps")
+    e.add_argument("--keep", type=int, default=3)
+    e.add_argument("--sync-save", action="store_true")
+    e.add_argument("--steps", type=int, default=24)
+    e.add_argument("--samples", type=int, default=512)
+    e.add_argument("--batch", type=int, default=8, help="per-rank batch")
+    e.add_argument("--timeout", type=float, default=120.0)
+    e.add_argument("--resume", default="auto", help="'auto', 'never' or a checkpoint path")
+    e.add_argument("--kill-node", type=int, default=None)
+    e.add_argument("--kill-at", type=int, default=13)
+    e.add_argument("--ranks-per-node", type=int, default=None, help="default: torchrun's LOCAL_WORLD_SIZE")
+    e.add_argument("--min-world", type=int, default=2, help="no node is killed at this world size or below")
+    e.add_argument("--out", default=None, help="rank 0 saves the final state dict here")
+    e.set_defaults(fn=elastic)
     args = parser.parse_args(argv)
     args.fn(args)
 
