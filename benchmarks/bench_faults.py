@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -138,7 +140,7 @@ def elastic(args) -> None:
     torch.set_num_threads(1)
     world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
     ckpt = ElasticCheckpoint(args.dir, every_n_steps=args.every, keep=args.keep, async_save=not args.sync_save)
-    callbacks = [FaultMonitor(), ckpt, FirstStep()]
+    callbacks = [FaultMonitor(), FirstStep()] + ([] if args.no_checkpoints else [ckpt])
     if args.kill_node is not None and world > args.min_world:
         callbacks.append(NodeKiller(args.kill_node, args.kill_at, ckpt, args.ranks_per_node or local))
     x, y = digits_tensors(args.samples)
@@ -150,12 +152,110 @@ def elastic(args) -> None:
     start = resume_path(args.resume if args.resume != "auto" else "auto", args.dir)
     if trainer.is_global_zero:
         print(f"[elastic] world {world}: resume from {start}", flush=True)
-    trainer.fit(tiny_classifier(), FixedDataModule(x, y, batch_size=args.batch), ckpt_path=start)
+    fit_start = time.perf_counter()
+    model = tiny_classifier(conv_filters=args.conv_filters, fc_width=args.fc_width, image_size=16)
+    trainer.fit(model, FixedDataModule(x, y, batch_size=args.batch), ckpt_path=start)
     if trainer.is_global_zero:
-        print(f"[elastic] done {trainer.global_step} steps t={time.time():.3f} blocked_ms_per_save="
-              f"{1000 * sum(ckpt.blocked_s) / max(len(ckpt.blocked_s), 1):.2f}", flush=True)
+        print(f"[elastic] done {trainer.global_step} steps t={time.time():.3f} saves={len(ckpt.blocked_s)} "
+              f"blocked_ms_per_save={1000 * sum(ckpt.blocked_s) / max(len(ckpt.blocked_s), 1):.2f} "
+              f"fit_s={time.perf_counter() - fit_start:.3f}", flush=True)
         if args.out:
             torch.save({k: v.detach().clone() for k, v in trainer.lightning_module.state_dict().items()}, args.out)
+
+
+def _launch_node(node: int, nnodes: str, port: int, args_list, env, log_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes, "--nproc-per-node", "2",
+           "--max-restarts", "2", "--monitor-interval", "0.5", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"bench{port}",
+           "--rdzv-conf", "last_call_timeout=2,join_timeout=300", os.path.abspath(__file__), "elastic", *args_list]
+    return subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _times(log: str, pattern: str) -> list[tuple[str, float]]:
+    return [(m.group(1), float(m.group(2))) for m in re.finditer(pattern, log)]
+
+
+def bench_node_loss(every: int, workdir: str, timeout: float = 900) -> dict:
+    """2 nodes x 2 processes under two elastic torchrun agents; node 1 dies at step 2.8K; node 0 goes on alone."""
+    from lightning_distnn.testing import free_port
+
+    kill_at = 2 * every + (4 * every) // 5
+    steps = kill_at + every
+    port = free_port()
+    run_dir = os.path.join(workdir, f"k{every}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", DISTNN_KILL_AGENT="1",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    common = ["--dir", run_dir, "--every", str(every), "--steps", str(steps), "--samples", "4096",
+              "--kill-node", "1", "--kill-at", str(kill_at), "--ranks-per-node", "2", "--timeout", "300"]
+    logs = [os.path.join(workdir, f"k{every}-node{n}.log") for n in (0, 1)]
+    procs = [_launch_node(0, "1:2", port, common, env, logs[0])]
+    time.sleep(3)
+    procs.append(_launch_node(1, "1:2", port, common, env, logs[1]))
+    try:
+        procs[0].wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    log = "".join(open(f).read() for f in logs)
+    death = _times(log, r"\[elastic\] node (1) dies at step \d+ t=([\d.]+)")
+    starts = _times(log, r"\[elastic\] training at step (\d+) on 2 processes t=([\d.]+)")
+    resumed = re.findall(r"\[elastic\] world 2: resume from \S*step-(\d+)", log)
+    done = re.findall(r"\[elastic\] done (\d+) steps", log)
+    if not death or not starts or not resumed:
+        raise RuntimeError(f"K={every}: the run did not die and resume as planned; logs: {logs}\n{log[-3000:]}")
+    return {"K": every, "killed_at": kill_at, "resumed_from": int(resumed[-1]), "lost": kill_at - int(resumed[-1]),
+            "death_to_training_s": starts[-1][1] - death[0][1], "finished": done[-1] if done else "no",
+            "rc": procs[0].returncode}
+
+
+def bench_save(workdir: str, every: int = 5, steps: int = 40) -> dict:
+    """2 processes (torchrun): training-loop time per checkpoint, async vs sync, and fit time vs no checkpoints."""
+    from lightning_distnn.testing import free_port
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = {}
+    for mode in ("none", "sync", "async"):
+        args = ["--dir", os.path.join(workdir, f"save-{mode}"), "--every", str(every), "--steps", str(steps),
+                "--samples", "2048", "--conv-filters", "64", "--fc-width", "1024", "--keep", "2"]
+        args += {"none": ["--no-checkpoints"], "sync": ["--sync-save"], "async": []}[mode]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), os.path.abspath(__file__), "elastic", *args]
+        log = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        m = re.search(r"saves=(\d+) blocked_ms_per_save=([\d.]+) fit_s=([\d.]+)", log.stdout + log.stderr)
+        if not m:
+            raise RuntimeError(f"save benchmark ({mode}) failed:\n{(log.stdout + log.stderr)[-3000:]}")
+        out[mode] = {"saves": int(m.group(1)), "blocked_ms": float(m.group(2)), "fit_s": float(m.group(3))}
+    return out
+
+
+def bench(args) -> None:
+    import tempfile
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_faults_")
+    print(f"# bench_faults (work dir {workdir}; 2 CPU gloo processes per node, tiny CNN)")
+    if "save" in args.parts:
+        res = bench_save(workdir)
+        sync, asyn, none = res["sync"], res["async"], res["none"]
+        print("\n| save | training loop blocked per checkpoint (ms) | ratio to sync | fit time (s) | ratio to no checkpoints |")
+        print("|---|---|---|---|---|")
+        for name, r in (("none", none), ("sync", sync), ("async", asyn)):
+            ratio = r["blocked_ms"] / sync["blocked_ms"] if name != "none" else float("nan")
+            print(f"| {name} | {r['blocked_ms']:.1f} | {ratio:.2f} | {r['fit_s']:.2f} | {r['fit_s'] / none['fit_s']:.2f} |")
+        lost_sync = (sync["fit_s"] - none["fit_s"]) / max(sync["saves"], 1)
+        lost_async = (asyn["fit_s"] - none["fit_s"]) / max(asyn["saves"], 1)
+        print(f"\nfit time lost per checkpoint: sync {1000 * lost_sync:.1f} ms, async {1000 * lost_async:.1f} ms "
+              f"(async/sync = {lost_async / lost_sync if lost_sync > 0 else float('nan'):.2f}); "
+              f"{sync['saves']} checkpoints of a {64}-filter/{1024}-wide CNN")
+    if "node" in args.parts:
+        rows = [bench_node_loss(k, workdir) for k in args.every]
+        print("\n| K | node killed at step | resumed from | steps lost | death -> training on survivors (s) | finished |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['K']} | {r['killed_at']} | {r['resumed_from']} | {r['lost']} | {r['death_to_training_s']:.1f} "
+                  f"| {r['finished']} |")
 
 
 def main(argv=None) -> None:
@@ -186,8 +286,16 @@ def main(argv=None) -> None:
     e.add_argument("--kill-at", type=int, default=13)
     e.add_argument("--ranks-per-node", type=int, default=None, help="default: torchrun's LOCAL_WORLD_SIZE")
     e.add_argument("--min-world", type=int, default=2, help="no node is killed at this world size or below")
+    e.add_argument("--conv-filters", type=int, default=8)
+    e.add_argument("--fc-width", type=int, default=16)
+    e.add_argument("--no-checkpoints", action="store_true", help="baseline: the same run without ElasticCheckpoint")
     e.add_argument("--out", default=None, help="rank 0 saves the final state dict here")
     e.set_defaults(fn=elastic)
+    b = sub.add_parser("bench", help="the benchmark: node loss (K=10, 50) and async vs sync save")
+    b.add_argument("--every", type=int, nargs="+", default=[10, 50])
+    b.add_argument("--parts", nargs="+", default=["save", "node"], choices=["save", "node"])
+    b.add_argument("--workdir", default=None)
+    b.set_defaults(fn=bench)
     args = parser.parse_args(argv)
     args.fn(args)
 
