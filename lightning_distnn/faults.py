@@ -140,7 +140,13 @@ class Heartbeat:
         return self
 
     def stop(self) -> None:
+        """End the beats; a rank that finished is never declared hung."""
         self._stop.set()
+        try:
+            with self._lock:
+                self.store.set(f"done/{self.rank}", b"1")
+        except Exception:  # noqa: BLE001 - the store's host may already be gone at the end of a run
+            pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2 * self.interval + 1)
 
@@ -157,7 +163,7 @@ class Heartbeat:
                 elif self.hang_after is not None and self.rank == 0:
                     now = time.time()
                     for r, b in self.beats().items():
-                        if b is not None and now - b.time > self.hang_after:
+                        if b is not None and now - b.time > self.hang_after and self._get(f"done/{r}") is None:
                             notified = True
                             self.on_peer_failure(self, r)
                             break

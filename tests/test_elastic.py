@@ -83,3 +83,26 @@ def test_node_lost_restart_on_survivors_matches_run_from_same_checkpoint(tmp_pat
     assert set(got) == set(want)
     for name in want:
         assert torch.equal(got[name], want[name]), name  # exact
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_checkpoints_every_k_steps_keep_the_newest(tmp_path, async_save):
+    import lightning.pytorch as pl
+
+    from lightning_distnn.checkpoint import load_distributed, scan_checkpoints
+    from lightning_distnn.testing.equivalence import FixedDataModule, digits_tensors
+
+    ckpt = ElasticCheckpoint(tmp_path, every_n_steps=2, keep=2, async_save=async_save)
+    x, y = digits_tensors(64)
+    model = tiny_classifier(conv_filters=8, fc_width=16, image_size=16)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=7, callbacks=[ckpt], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, FixedDataModule(x, y, batch_size=8))
+    assert ckpt.saved_steps == [2, 4, 6]
+    statuses = scan_checkpoints(tmp_path)
+    assert [(s.path.name, s.step, s.complete) for s in statuses] == [
+        ("step-00000006", 6, True), ("step-00000004", 4, True)]
+    assert not list(tmp_path.glob(".*"))  # no partial directory left
+    meta = load_distributed(tmp_path / "step-00000006", tiny_classifier(seed=1, conv_filters=8, fc_width=16,
+                                                                        image_size=16))
+    assert meta["global_step"] == 6 and "loops" in meta
