@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CheckpointError",
     "CheckpointStatus",
+    "ForeignCheckpointError",
     "MANIFEST_FILE",
     "META_FILE",
     "check_checkpoint",
@@ -81,12 +82,20 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: incomplete, corrupt, or of another model (the message says which file)."""
 
 
+class ForeignCheckpointError(CheckpointError, KeyError):
+    """A checkpoint of another model (other tensor names or shapes); a KeyError too, as before manifests."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
 def _optim_key(index: int) -> str:
     return f"optimizer_{index}"
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def _rank(process_group=None) -> int:
+    """This process's rank in the writing group (its rank 0 completes a checkpoint, like DCP's coordinator)."""
+    return dist.get_rank(process_group) if dist.is_available() and dist.is_initialized() else 0
 
 
 def _barrier(process_group=None) -> None:
@@ -180,7 +189,7 @@ def _prepare(path: Union[str, os.PathLike], module, optimizers, extra, step, pro
             "another path."
         )
     tmp = _partial(path)
-    if _rank() == 0:
+    if _rank(process_group) == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a writer that died
         tmp.mkdir(parents=True)
     _barrier(process_group)
@@ -193,7 +202,7 @@ def _prepare(path: Union[str, os.PathLike], module, optimizers, extra, step, pro
     if step is None:
         step = meta.get("global_step")
     buffer = io.BytesIO()
-    if _rank() == 0:
+    if _rank(process_group) == 0:
         torch.save(meta, buffer)  # now: training changes the loop state while an async save writes
     return path, tmp, state, buffer.getvalue(), step
 
@@ -218,7 +227,7 @@ def save_distributed(
     path, tmp, state, meta, step = _prepare(path, module, optimizers, extra, step, process_group)
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=str(tmp), process_group=process_group)
-    if _rank() == 0:
+    if _rank(process_group) == 0:
         _finalize(tmp, path, meta=meta, step=step, layout=layout)
     _barrier(process_group)
     return path
@@ -246,7 +255,7 @@ def save_distributed_async(
         upload = dcp.async_save(state, checkpoint_id=str(tmp), process_group=process_group)
     if hasattr(upload, "upload_completion"):  # AsyncSaveResponse
         upload = upload.upload_completion
-    if _rank() != 0:
+    if _rank(process_group) != 0:
         return upload
     done: Future = Future()
 
@@ -399,9 +408,9 @@ def load_distributed(
     if (missing or wrong) and strict:
         lines = [f"{k}: saved {list(s)}, this model has {list(o)}" for k, s, o in wrong[:3]]
         if missing:
-            lines.append(f"{len(missing)} tensors of this model are not in it (first: {', '.join(missing[:3])}); "
+            lines.append(f"it lacks {len(missing)} tensors of this model (first: {', '.join(missing[:3])}); "
                          f"it holds e.g. {', '.join(sorted(saved)[:3])}")
-        raise CheckpointError(
+        raise ForeignCheckpointError(
             f"checkpoint {path} (per {path / '.metadata'}) was saved from another model: " + "; ".join(lines)
             + ". Load it into the model it was saved from, or pass strict=False to load only the tensors that match."
         )
