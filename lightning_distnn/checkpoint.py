@@ -242,6 +242,7 @@ def save_distributed_async(
     process_group: Optional[dist.ProcessGroup] = None,
     step: Optional[int] = None,
     layout: Optional[str] = None,
+    stager=None,
 ) -> Future:
     """:func:`save_distributed` with DCP's ``async_save``: returns once the state is copied to memory.
 
@@ -249,15 +250,24 @@ def save_distributed_async(
     complete (renamed to ``path``), on the others once their part is written. Wait for it before the
     next save and before the process exits. Pass a ``process_group`` of its own (``dist.new_group(
     backend="gloo")``), so the writer's collectives never interleave with training's.
+
+    ``stager``: a DCP ``AsyncStager``, e.g. ``DefaultStager(StagingOptions(use_async_staging=True))``,
+    reused across saves (close it after the last). With async staging even the copy to memory
+    happens in the background: the returned future's ``staged`` future must be waited for before
+    the parameters or the optimizer state change (before the next ``optimizer.step()``).
     """
     path, tmp, state, meta, step = _prepare(path, module, optimizers, extra, step, process_group)
     with _quiet_single_process():
-        upload = dcp.async_save(state, checkpoint_id=str(tmp), process_group=process_group)
-    if hasattr(upload, "upload_completion"):  # AsyncSaveResponse
-        upload = upload.upload_completion
+        upload = dcp.async_save(state, checkpoint_id=str(tmp), process_group=process_group, async_stager=stager)
+    staged: Future = Future()
+    staged.set_result(None)
+    if hasattr(upload, "upload_completion"):  # AsyncSaveResponse: staging goes on in the background
+        staged, upload = upload.staging_completion, upload.upload_completion
     if _rank(process_group) != 0:
+        upload.staged = staged
         return upload
     done: Future = Future()
+    done.staged = staged
 
     def complete(fut: Future) -> None:
         try:

@@ -99,6 +99,8 @@ class ElasticCheckpoint(Callback):
         self.dirpath = Path(dirpath)
         self.every_n_steps, self.keep, self.async_save = every_n_steps, keep, async_save
         self._pending: Optional[Future] = None
+        self._staged: Optional[Future] = None
+        self._stager = None
         self._group = None
         self.saved_steps: list[int] = []
         self.blocked_s: list[float] = []  # seconds the training loop waited per checkpoint
@@ -107,12 +109,19 @@ class ElasticCheckpoint(Callback):
         if self.async_save and dist.is_available() and dist.is_initialized() and self._group is None:
             # the writer thread's collectives must never interleave with training's on one group
             self._group = dist.new_group(backend="gloo")
+        if self.async_save and self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            # the copy to memory happens in the background too; it is waited for before the next optimizer step
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                                        use_async_staging=True, use_non_blocking_copy=False))
 
     def _optimizers(self, trainer) -> list:
         return [getattr(o, "_optimizer", o) for o in trainer.optimizers]
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is complete; re-raise its error."""
+        self._staged = None
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
@@ -132,7 +141,8 @@ class ElasticCheckpoint(Callback):
         path = self.dirpath / f"step-{step:08d}"
         if self.async_save:
             self._pending = save_distributed_async(path, pl_module, self._optimizers(trainer),
-                                                   process_group=self._group, **kwargs)
+                                                   process_group=self._group, stager=self._stager, **kwargs)
+            self._staged = getattr(self._pending, "staged", None)
         else:
             save_distributed(path, pl_module, self._optimizers(trainer), **kwargs)
         self.blocked_s.append(time.perf_counter() - start)
@@ -148,6 +158,16 @@ class ElasticCheckpoint(Callback):
         for old in complete[self.keep - 1:]:  # the new one (in flight or just written) is the keep-th
             shutil.rmtree(old, ignore_errors=True)
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._staged is not None:  # the state being copied must not change under the copy
+            import time
+
+            start = time.perf_counter()
+            self._staged.result()
+            self._staged = None
+            if self.blocked_s:
+                self.blocked_s[-1] += time.perf_counter() - start
+
     def on_train_end(self, trainer, pl_module) -> None:
         self.wait()
 
@@ -158,4 +178,7 @@ class ElasticCheckpoint(Callback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._pending is not None:
             self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
