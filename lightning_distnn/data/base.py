@@ -36,6 +36,24 @@ def split_indices(n: int, fractions: tuple[float, float], seed: int) -> tuple[li
     return perm[n_test + n_val :], perm[n_test : n_test + n_val], perm[:n_test]
 
 
+def check_labels(labels, num_classes: int, where: str, *, fix: str = "") -> None:
+    """Raise ValueError naming the first label outside ``0..num_classes-1``: its position, value, and the fix.
+
+    Every rank runs it on the same data at setup, so every rank fails alike, before any collective.
+    """
+    labels = torch.as_tensor(labels)
+    if labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        raise ValueError(
+            f"label {int(labels[i])} at {where} row {i} is outside num_classes={num_classes} (labels must be 0.."
+            f"{num_classes - 1}; {len(bad)} labels are outside). "
+            + (fix or f"Fix the data, or use num_classes={int(labels.max()) + 1} for the model and the data.")
+        )
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Base class: subclasses implement :meth:`build_datasets` returning (train, val, test)."""
 
@@ -88,6 +106,21 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is None:
             self.train_set, self.val_set, self.test_set = self.build_datasets()
+        self._check_model_classes()
+
+    def _check_model_classes(self) -> None:
+        """A model with fewer outputs than the data has classes fails on the rank that meets such a label, as a
+        raw index error (its peers as gloo errors); refuse it here, the same on every rank."""
+        trainer = getattr(self, "_trainer", None) or getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        hparams = getattr(module, "hparams", None)
+        model_classes = hparams.get("num_classes") if hparams is not None and hasattr(hparams, "get") else None
+        if isinstance(model_classes, int) and model_classes < self.num_classes:
+            raise ValueError(
+                f"the data has num_classes={self.num_classes} (labels 0..{self.num_classes - 1}) but the model "
+                f"{type(module).__name__} has num_classes={model_classes}: set model.num_classes={self.num_classes} "
+                "(and the network's last layer to as many outputs)."
+            )
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         return DataLoader(

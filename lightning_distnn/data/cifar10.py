@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from lightning_distnn.data.base import ImageDataModule, split_indices
+from lightning_distnn.data.base import ImageDataModule, check_labels, split_indices
 
 CIFAR_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
 
@@ -42,8 +42,15 @@ class CIFAR10Batches(Dataset):
                 with open(folder / name, "rb") as f:
                     entry = pickle.load(f, encoding="latin1")
                 images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                labels.extend(int(v) for v in entry.get("labels", entry.get("fine_labels", [])))
-            except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
+                batch_labels = [int(v) for v in entry.get("labels", entry.get("fine_labels", []))]
+                if len(batch_labels) != len(images[-1]):
+                    raise ValueError(f"{len(images[-1])} images but {len(batch_labels)} labels")
+                check_labels(batch_labels, 10, f"{folder / name}",
+                             fix="Delete the folder and download CIFAR-10 again (data.download=true).")
+                labels.extend(batch_labels)
+            except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as err:
+                if str(err).startswith("label "):
+                    raise
                 raise ValueError(
                     f"{folder / name} is not a CIFAR-10 batch in torchvision's format ({err}): delete the folder "
                     "and download it again (data.download=true)."

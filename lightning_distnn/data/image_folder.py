@@ -58,6 +58,25 @@ class ImageFolderDataset(Dataset):
         self.targets = [label for _, label in self.samples]
         self.image_size = image_size
         self.channels = channels
+        self._check_headers()
+
+    def _check_headers(self) -> None:
+        """Open every file's header (no decoding): an undecodable file fails here, identically on every rank,
+        instead of on the one rank whose shard holds it (its peers would see only a gloo error)."""
+        from PIL import Image, UnidentifiedImageError
+
+        bad = []
+        for path, _ in self.samples:
+            try:
+                with Image.open(path) as img:
+                    img.size  # noqa: B018 - parsed from the header
+            except (OSError, UnidentifiedImageError, SyntaxError) as err:
+                bad.append(f"{path} ({type(err).__name__}: {err})")
+        if bad:
+            raise ValueError(
+                f"image folder {self.root.resolve()}: {len(bad)} of {len(self.samples)} files cannot be decoded, first: "
+                f"{bad[0]}. Remove or replace them (or convert them to PNG)."
+            )
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -99,13 +99,29 @@ def open_database(path: str | Path) -> tuple[sqlite3.Connection, dict[str, Any]]
             f"{path} has format={meta.get('format')!r} version={meta.get('version')!r}, expected {FORMAT!r} version "
             f"{VERSION}. {_fix_hint(path)}"
         )
-    info = {
-        "shape": tuple(json.loads(meta["shape"])),
-        "dtype": meta["dtype"],
-        "num_classes": int(meta["num_classes"]),
-        "splits": json.loads(meta["splits"]),
-        "source": meta.get("source", "?"),
-    }
+    missing = [k for k in ("shape", "dtype", "num_classes", "splits") if k not in meta]
+    if missing:
+        conn.close()
+        raise ValueError(
+            f"{path}: its meta table lacks {', '.join(missing)} (it holds {', '.join(sorted(meta)) or 'nothing'}): the "
+            f"database was not written completely. {_fix_hint(path)}"
+        )
+    try:
+        info = {
+            "shape": tuple(json.loads(meta["shape"])),
+            "dtype": meta["dtype"],
+            "num_classes": int(meta["num_classes"]),
+            "splits": json.loads(meta["splits"]),
+            "source": meta.get("source", "?"),
+        }
+        if not isinstance(info["splits"], dict) or info["num_classes"] < 1:
+            raise ValueError("splits must be a JSON object and num_classes positive")
+    except (ValueError, TypeError) as err:
+        conn.close()
+        raise ValueError(
+            f"{path}: its meta table holds unreadable values (shape={meta['shape']!r}, num_classes="
+            f"{meta['num_classes']!r}, splits={meta['splits']!r}: {err}). {_fix_hint(path)}"
+        ) from err
     if info["dtype"] not in DTYPES:
         conn.close()
         raise ValueError(f"{path}: unknown image dtype {info['dtype']!r} (known: {', '.join(DTYPES)}). {_fix_hint(path)}")
@@ -130,6 +146,7 @@ class SQLiteDataset(Dataset):
         self.dtype = DTYPES[info["dtype"]]
         self.num_classes = info["num_classes"]
         self.length = int(info["splits"][split])
+        self._check_labels()
         self._nbytes = torch.Size(self.shape).numel() * torch.empty(0, dtype=self.dtype).element_size()
         self._conn: Optional[sqlite3.Connection] = None
         self._pid: Optional[int] = None
@@ -152,6 +169,26 @@ class SQLiteDataset(Dataset):
         if self._conn is not None and self._pid == os.getpid():
             self._conn.close()
         self._conn = None
+
+    def _check_labels(self) -> None:
+        """One query on the index: a label outside ``0..num_classes-1`` fails here, naming its row, on every rank
+        alike (not as a raw index error on the rank that reads it and a gloo error on the others)."""
+        conn, _ = open_database(self.path)
+        try:
+            row = conn.execute(
+                "SELECT idx, label FROM samples WHERE split = ? AND (label < 0 OR label >= ?) ORDER BY idx LIMIT 1",
+                (self.split, self.num_classes),
+            ).fetchone()
+        except sqlite3.DatabaseError as err:
+            raise ValueError(f"{self.path}: query failed ({err}): the database is corrupt. {_fix_hint(self.path)}") from err
+        finally:
+            conn.close()
+        if row is not None:
+            raise ValueError(
+                f"{self.path}: row ({self.split}, {row[0]}) has label {row[1]}, outside num_classes={self.num_classes} "
+                f"(meta table): the labels must be 0..{self.num_classes - 1}. Fix the row, or the meta table's "
+                f"num_classes. {_fix_hint(self.path)}"
+            )
 
     def __len__(self) -> int:
         return self.length

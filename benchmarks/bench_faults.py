@@ -1,0 +1,297 @@
+"""Faults: a rank killed or frozen mid-training, elastic resume, async vs synchronous checkpoints.
+
+Commands (one machine; every run is 2-4 gloo processes and a tiny CNN on digits)::
+
+    # a dead (KILL) or frozen (STOP) rank, under Lightning's launcher (devices=N re-executes this script)
+    python benchmarks/bench_faults.py victim --strategy dp --signal KILL --victim 1 --at-step 3 --timeout 20 [--monitor]
+    # the same under torchrun
+    torchrun --nproc-per-node 2 benchmarks/bench_faults.py victim --strategy dp --signal STOP --monitor
+    # the benchmark: node death -> training again on the survivors (K = 10, 50), async vs sync save
+    python benchmarks/bench_faults.py bench
+
+``victim`` prints ``[victim] ...`` lines; with ``--monitor`` the run uses
+:class:`lightning_distnn.faults.FaultMonitor` (heartbeat, one message, quiet exit, children killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+STRATEGY_WORLD = {"dp": 2, "ps": 2, "local_sgd": 2, "pipeline": 2, "tp": 2, "hybrid": 4, "ddp": 2}
+
+
+def make_strategy(name: str, timeout: float):
+    from lightning_distnn.strategies import (
+        DataParallelStrategy,
+        HybridStrategy,
+        LocalSGDStrategy,
+        ParameterServerStrategy,
+        PipelineStrategy,
+        TensorParallelStrategy,
+    )
+
+    if name == "ddp":
+        from datetime import timedelta
+
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(timeout=timedelta(seconds=timeout))
+    return {
+        "dp": lambda: DataParallelStrategy(timeout=timeout),
+        "ps": lambda: ParameterServerStrategy(timeout=timeout),
+        "local_sgd": lambda: LocalSGDStrategy(timeout=timeout, local_sgd_period=1),
+        "pipeline": lambda: PipelineStrategy(timeout=timeout, microbatches=2),
+        "tp": lambda: TensorParallelStrategy(timeout=timeout),
+        "hybrid": lambda: HybridStrategy(dp=2, pp=2, timeout=timeout, microbatches=2),
+    }[name]()
+
+
+class Saboteur(pl.Callback):
+    """Sends ``sig`` to this process on rank ``victim`` when ``global_step`` reaches ``at_step``."""
+
+    def __init__(self, victim: int, sig: int, at_step: int) -> None:
+        self.victim, self.sig, self.at_step = victim, sig, at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.victim and trainer.global_step == self.at_step:
+            print(f"[victim] rank {self.victim} pid {os.getpid()} sends itself SIG{signal.Signals(self.sig).name[3:]} "
+                  f"at step {self.at_step} t={time.time():.3f}", flush=True)
+            os.kill(os.getpid(), self.sig)
+
+
+def victim(args) -> None:
+    import lightning_distnn  # noqa: F401 - registers the strategies
+    from lightning_distnn.faults import FaultMonitor
+    from lightning_distnn.testing.equivalence import FixedDataModule, digits_tensors, tiny_classifier
+
+    world = STRATEGY_WORLD[args.strategy]
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if torchrun and int(os.environ["WORLD_SIZE"]) != world:
+        raise SystemExit(f"--strategy {args.strategy} runs on {world} processes, torchrun gave {os.environ['WORLD_SIZE']}")
+    torch.set_num_threads(1)
+    x, y = digits_tensors(512)
+    callbacks = [FaultMonitor(grace=args.grace, hang_after=args.hang_after)] if args.monitor else []
+    callbacks.append(Saboteur(args.victim, getattr(signal, f"SIG{args.signal}"), args.at_step))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world, strategy=make_strategy(args.strategy, args.timeout), max_steps=args.steps,
+        callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(tiny_classifier(), FixedDataModule(x, y, batch_size=8))
+    print(f"[victim] rank {trainer.global_rank} finished {trainer.global_step} steps", flush=True)
+
+
+class NodeKiller(pl.Callback):
+    """At ``at_step``, every rank of node ``node`` SIGKILLs its torchrun agent and itself: a lost machine.
+
+    It first waits (up to 120 s) until the newest checkpoint in flight is complete, so the loss is the
+    steps since the last checkpoint (a node lost while a save is in flight loses up to 2K steps).
+    """
+
+    def __init__(self, node: int, at_step: int, ckpt, ranks_per_node: int) -> None:
+        self.node, self.at_step, self.ckpt, self.ranks_per_node = node, at_step, ckpt, ranks_per_node
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.at_step:
+            return
+        if trainer.global_rank // self.ranks_per_node == self.node:
+            from lightning_distnn.checkpoint import newest_complete_checkpoint
+
+            want = self.ckpt.saved_steps[-1] if self.ckpt.saved_steps else None
+            deadline = time.monotonic() + 120
+            while want is not None and time.monotonic() < deadline:
+                found = newest_complete_checkpoint(self.ckpt.dirpath, verify=False)
+                if found is not None and found.name == f"step-{want:08d}":
+                    break
+                time.sleep(0.1)
+            print(f"[elastic] node {self.node} dies at step {self.at_step} t={time.time():.3f}", flush=True)
+            if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("DISTNN_KILL_AGENT") == "1":
+                os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FirstStep(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not getattr(self, "_done", False) and trainer.is_global_zero:
+            self._done = True
+            print(f"[elastic] training at step {trainer.global_step} on {trainer.world_size} processes "
+                  f"t={time.time():.3f}", flush=True)
+
+
+def elastic(args) -> None:
+    """One attempt of an elastic run under torchrun: resume="auto", checkpoint every K steps, maybe lose a node."""
+    import lightning_distnn  # noqa: F401
+    from lightning_distnn.elastic import ElasticCheckpoint, resume_path
+    from lightning_distnn.faults import FaultMonitor
+    from lightning_distnn.strategies import DataParallelStrategy
+    from lightning_distnn.testing.equivalence import FixedDataModule, digits_tensors, tiny_classifier
+
+    torch.set_num_threads(1)
+    world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    ckpt = ElasticCheckpoint(args.dir, every_n_steps=args.every, keep=args.keep, async_save=not args.sync_save)
+    callbacks = [FaultMonitor(), FirstStep()] + ([] if args.no_checkpoints else [ckpt])
+    if args.kill_node is not None and world > args.min_world:
+        callbacks.append(NodeKiller(args.kill_node, args.kill_at, ckpt, args.ranks_per_node or local))
+    x, y = digits_tensors(args.samples)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=local, num_nodes=world // local, strategy=DataParallelStrategy(timeout=args.timeout),
+        max_steps=args.steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    start = resume_path(args.resume if args.resume != "auto" else "auto", args.dir)
+    if trainer.is_global_zero:
+        print(f"[elastic] world {world}: resume from {start}", flush=True)
+    fit_start = time.perf_counter()
+    model = tiny_classifier(conv_filters=args.conv_filters, fc_width=args.fc_width, image_size=16)
+    trainer.fit(model, FixedDataModule(x, y, batch_size=args.batch), ckpt_path=start)
+    if trainer.is_global_zero:
+        print(f"[elastic] done {trainer.global_step} steps t={time.time():.3f} saves={len(ckpt.blocked_s)} "
+              f"blocked_ms_per_save={1000 * sum(ckpt.blocked_s) / max(len(ckpt.blocked_s), 1):.2f} "
+              f"fit_s={time.perf_counter() - fit_start:.3f}", flush=True)
+        if args.out:
+            torch.save({k: v.detach().clone() for k, v in trainer.lightning_module.state_dict().items()}, args.out)
+
+
+def _torchrun(nproc: int, args_list, env, log_path: str, timeout: float) -> int:
+    from lightning_distnn.testing import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(free_port()), os.path.abspath(__file__), "elastic", *args_list]
+    with open(log_path, "w") as log:
+        return subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+
+
+def _times(log: str, pattern: str) -> list[tuple[str, float]]:
+    return [(m.group(1), float(m.group(2))) for m in re.finditer(pattern, log)]
+
+
+def bench_node_loss(every: int, workdir: str, timeout: float = 900) -> dict:
+    """2 "nodes" x 2 processes (torchrun); node 1 dies at step 2.8K; the survivors' restart (2 processes,
+    ``resume="auto"``) is launched the moment the first job has exited, as a supervisor would."""
+    kill_at = 2 * every + (4 * every) // 5
+    steps = kill_at + every
+    run_dir = os.path.join(workdir, f"k{every}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    common = ["--dir", run_dir, "--every", str(every), "--steps", str(steps), "--samples", "4096", "--timeout", "300"]
+    logs = [os.path.join(workdir, f"k{every}-attempt{n}.log") for n in (1, 2)]
+    rc1 = _torchrun(4, common + ["--kill-node", "1", "--kill-at", str(kill_at), "--ranks-per-node", "2"], env,
+                    logs[0], timeout)
+    exited = time.time()
+    rc2 = _torchrun(2, common, env, logs[1], timeout)
+    first, second = (open(f).read() for f in logs)
+    death = _times(first, r"\[elastic\] node (1) dies at step \d+ t=([\d.]+)")
+    starts = _times(second, r"\[elastic\] training at step (\d+) on 2 processes t=([\d.]+)")
+    resumed = re.findall(r"\[elastic\] world 2: resume from \S*step-(\d+)", second)
+    done = re.findall(r"\[elastic\] done (\d+) steps", second)
+    if not death or not starts or not resumed or rc1 == 0:
+        raise RuntimeError(f"K={every}: the run did not die and resume as planned (rc {rc1}, {rc2}); logs: {logs}")
+    return {"K": every, "killed_at": kill_at, "resumed_from": int(resumed[-1]), "lost": kill_at - int(resumed[-1]),
+            "death_to_exit_s": exited - death[0][1], "exit_to_training_s": starts[-1][1] - exited,
+            "death_to_training_s": starts[-1][1] - death[0][1], "finished": done[-1] if done else "no", "rc": rc2}
+
+
+def bench_save(workdir: str, every: int = 5, steps: int = 40) -> dict:
+    """2 processes (torchrun): training-loop time per checkpoint, async vs sync, and fit time vs no checkpoints."""
+    from lightning_distnn.testing import free_port
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = {}
+    for mode in ("none", "sync", "async"):
+        args = ["--dir", os.path.join(workdir, f"save-{mode}"), "--every", str(every), "--steps", str(steps),
+                "--samples", "2048", "--conv-filters", "64", "--fc-width", "1024", "--keep", "2"]
+        args += {"none": ["--no-checkpoints"], "sync": ["--sync-save"], "async": []}[mode]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), os.path.abspath(__file__), "elastic", *args]
+        log = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        m = re.search(r"saves=(\d+) blocked_ms_per_save=([\d.]+) fit_s=([\d.]+)", log.stdout + log.stderr)
+        if not m:
+            raise RuntimeError(f"save benchmark ({mode}) failed:\n{(log.stdout + log.stderr)[-3000:]}")
+        out[mode] = {"saves": int(m.group(1)), "blocked_ms": float(m.group(2)), "fit_s": float(m.group(3))}
+    return out
+
+
+def bench(args) -> None:
+    import tempfile
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_faults_")
+    print(f"# bench_faults (work dir {workdir}; 2 CPU gloo processes per node, tiny CNN)")
+    if "save" in args.parts:
+        res = bench_save(workdir)
+        sync, asyn, none = res["sync"], res["async"], res["none"]
+        print("\n| save | training loop blocked per checkpoint (ms) | ratio to sync | fit time (s) | ratio to no checkpoints |")
+        print("|---|---|---|---|---|")
+        for name, r in (("none", none), ("sync", sync), ("async", asyn)):
+            ratio = r["blocked_ms"] / sync["blocked_ms"] if name != "none" else float("nan")
+            print(f"| {name} | {r['blocked_ms']:.1f} | {ratio:.2f} | {r['fit_s']:.2f} | {r['fit_s'] / none['fit_s']:.2f} |")
+        lost_sync = (sync["fit_s"] - none["fit_s"]) / max(sync["saves"], 1)
+        lost_async = (asyn["fit_s"] - none["fit_s"]) / max(asyn["saves"], 1)
+        print(f"\nfit time lost per checkpoint: sync {1000 * lost_sync:.1f} ms, async {1000 * lost_async:.1f} ms "
+              f"(async/sync = {lost_async / lost_sync if lost_sync > 0 else float('nan'):.2f}); "
+              f"{sync['saves']} checkpoints of a {64}-filter/{1024}-wide CNN")
+    if "node" in args.parts:
+        rows = [bench_node_loss(k, workdir) for k in args.every]
+        print("\n| K | node killed at step | resumed from | steps lost | death -> job ended (s) | "
+              "restart -> training (s) | death -> training on survivors (s) | steps done |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['K']} | {r['killed_at']} | {r['resumed_from']} | {r['lost']} | {r['death_to_exit_s']:.1f} | "
+                  f"{r['exit_to_training_s']:.1f} | {r['death_to_training_s']:.1f} | {r['finished']} |")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("victim", help="train and kill/stop one rank at a step")
+    v.add_argument("--strategy", choices=sorted(STRATEGY_WORLD), default="dp")
+    v.add_argument("--signal", choices=["KILL", "STOP"], default="KILL")
+    v.add_argument("--victim", type=int, default=1)
+    v.add_argument("--at-step", type=int, default=3)
+    v.add_argument("--steps", type=int, default=40)
+    v.add_argument("--timeout", type=float, default=20.0)
+    v.add_argument("--grace", type=float, default=2.0)
+    v.add_argument("--monitor", action="store_true")
+    v.add_argument("--hang-after", type=float, default=None, help="FaultMonitor(hang_after=...), default: timeout")
+    v.set_defaults(fn=victim)
+    e = sub.add_parser("elastic", help="one attempt of an elastic run (start it with torchrun)")
+    e.add_argument("--dir", required=True, help="the run's checkpoint directory")
+    e.add_argument("--every", type=int, default=5, help="K: checkpoint every K steps")
+    e.add_argument("--keep", type=int, default=3)
+    e.add_argument("--sync-save", action="store_true")
+    e.add_argument("--steps", type=int, default=24)
+    e.add_argument("--samples", type=int, default=512)
+    e.add_argument("--batch", type=int, default=8, help="per-rank batch")
+    e.add_argument("--timeout", type=float, default=120.0)
+    e.add_argument("--resume", default="auto", help="'auto', 'never' or a checkpoint path")
+    e.add_argument("--kill-node", type=int, default=None)
+    e.add_argument("--kill-at", type=int, default=13)
+    e.add_argument("--ranks-per-node", type=int, default=None, help="default: torchrun's LOCAL_WORLD_SIZE")
+    e.add_argument("--min-world", type=int, default=2, help="no node is killed at this world size or below")
+    e.add_argument("--conv-filters", type=int, default=8)
+    e.add_argument("--fc-width", type=int, default=16)
+    e.add_argument("--no-checkpoints", action="store_true", help="baseline: the same run without ElasticCheckpoint")
+    e.add_argument("--out", default=None, help="rank 0 saves the final state dict here")
+    e.set_defaults(fn=elastic)
+    b = sub.add_parser("bench", help="the benchmark: node loss (K=10, 50) and async vs sync save")
+    b.add_argument("--every", type=int, nargs="+", default=[10, 50])
+    b.add_argument("--parts", nargs="+", default=["save", "node"], choices=["save", "node"])
+    b.add_argument("--workdir", default=None)
+    b.set_defaults(fn=bench)
+    args = parser.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
