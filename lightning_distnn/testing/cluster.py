@@ -1,0 +1,560 @@
+"""A cluster in a box: N simulated nodes on one Linux machine, joined by links of a chosen speed.
+
+Each node is a network namespace with one interface (``eth0``) and its own address in a private
+subnet that exists only inside the namespaces of this run. The nodes' cables end on a bridge that
+lives in a namespace of its own; the machine's own network configuration is never touched. Each
+cable is shaped with ``tc tbf`` in both directions (rate only: this kernel has no ``netem``, so no
+added delay). Every node runs ``torchrun --nnodes N --node-rank k`` inside its namespace with gloo
+bound to ``eth0``, exactly as on a real cluster of N machines::
+
+    distnn-cluster --nodes 2 --procs-per-node 1 --link 100mbit -- distnn-train trainer.num_nodes=2
+    distnn-cluster --nodes 2 --link 20mbit --measure          # what the link carries, then exit
+    distnn-cluster --cleanup                                  # remove namespaces of dead runs
+
+From Python (tests, benchmarks)::
+
+    with SimulatedCluster(nodes=2, link="100mbit") as cluster:
+        results = cluster.run(["python", "-m", "lightning_distnn.testing.cluster_job", "--out", d, "dp"])
+        cluster.set_link("20mbit")                            # reshape in place, namespaces stay
+
+Namespaces are named ``distnn-<pid>-<hex>-{br,n0,n1,...}``; they are removed on exit, on errors and
+on SIGINT/SIGTERM/SIGHUP, and :func:`cleanup_stale` removes those whose creating process is dead.
+It needs root and iproute2 (``ip``, ``tc``); :func:`unsupported_reason` says in one line why not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+PREFIX = "distnn"
+NODE_IFNAME = "eth0"
+BRIDGE = "br0"
+DEFAULT_SUBNET = "10.77.0.0/24"
+_UNITS = {"": 1, "bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "k": 10**3, "m": 10**6, "g": 10**9}
+_NAME_RE = re.compile(rf"^{PREFIX}-(\d+)-[0-9a-f]+-(br|n\d+)$")
+
+Command = Union[Sequence[str], Callable[[int], Sequence[str]]]
+
+
+class ClusterError(RuntimeError):
+    """The simulated cluster could not be built, or a node's command failed."""
+
+
+# ---- plain data: links and the plan -----------------------------------------------------------
+def parse_link(link: Union[None, str, int, float]) -> Optional[int]:
+    """A link speed in bit/s: ``"100mbit"``, ``"1gbit"``, ``"500kbit"``, a number of bit/s, or
+    ``None``/``"unlimited"`` (no shaping, returns None)."""
+    if link is None or (isinstance(link, str) and link.strip().lower() in ("", "unlimited", "none", "inf")):
+        return None
+    if isinstance(link, (int, float)) and not isinstance(link, bool):
+        rate = float(link)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", str(link).lower())
+        if not match or match.group(2) not in _UNITS:
+            raise ValueError(
+                f"link={link!r} is not a speed: write e.g. '20mbit', '100mbit', '1gbit', '500kbit' or 'unlimited'."
+            )
+        rate = float(match.group(1)) * _UNITS[match.group(2)]
+    if rate < 8000:
+        raise ValueError(f"link={link!r} is {rate:g} bit/s; the slowest link tc shapes well here is 8kbit. Raise it.")
+    return int(rate)
+
+
+def format_rate(rate: Optional[int]) -> str:
+    if rate is None:
+        return "unlimited"
+    for unit, scale in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3)):
+        if rate >= scale:
+            return f"{rate / scale:g}{unit}"
+    return f"{rate}bit"
+
+
+def tbf_args(rate: int) -> list[str]:
+    """``tc`` arguments of a token bucket at ``rate`` bit/s: a burst of 10 ms of traffic (at least
+    96 KiB, so a 64 KiB GSO packet always fits) and a 100 ms queue."""
+    burst = max(rate // 8 // 100, 96 * 1024)
+    return ["tbf", "rate", f"{rate}bit", "burst", str(burst), "latency", "100ms"]
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One simulated machine: its namespace, interface, address and its port on the bridge."""
+
+    rank: int
+    namespace: str
+    address: str
+    interface: str = NODE_IFNAME
+    bridge_port: str = ""
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """Names and addresses of one run; prints as a table."""
+
+    run_id: str
+    bridge_namespace: str
+    subnet: str
+    nodes: tuple[NodeSpec, ...]
+    link: Optional[int] = None
+
+    @property
+    def master_addr(self) -> str:
+        return self.nodes[0].address
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [n.namespace for n in self.nodes] + [self.bridge_namespace]
+
+    def __str__(self) -> str:
+        lines = [f"simulated cluster {self.run_id}: {len(self.nodes)} nodes, link {format_rate(self.link)} each, "
+                 f"subnet {self.subnet}, bridge {BRIDGE} in {self.bridge_namespace}",
+                 "| node | namespace | interface | address | bridge port |", "|---|---|---|---|---|"]
+        lines += [f"| {n.rank} | {n.namespace} | {n.interface} | {n.address} | {n.bridge_port} |" for n in self.nodes]
+        return "\n".join(lines)
+
+
+def plan_cluster(*, nodes: int, link: Union[None, str, int] = None, subnet: str = DEFAULT_SUBNET,
+                 run_id: Optional[str] = None) -> ClusterPlan:
+    """Names and addresses for ``nodes`` namespaces (pure: creates nothing)."""
+    if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
+        raise ValueError(f"nodes={nodes!r} must be a positive integer (e.g. --nodes 2).")
+    try:
+        net = ipaddress.ip_network(subnet)
+    except ValueError as err:
+        raise ValueError(f"subnet={subnet!r} is not a network ({err}); use e.g. {DEFAULT_SUBNET}.") from None
+    if not net.is_private or net.version != 4:
+        raise ValueError(f"subnet={subnet!r} must be a private IPv4 range (10/8, 172.16/12, 192.168/16), e.g. {DEFAULT_SUBNET}.")
+    hosts = list(net.hosts())
+    if nodes > len(hosts):
+        raise ValueError(f"subnet={subnet} has {len(hosts)} addresses, {nodes} nodes need more: use a /24 or larger.")
+    run_id = run_id or f"{PREFIX}-{os.getpid()}-{secrets.token_hex(2)}"
+    specs = tuple(
+        NodeSpec(rank=k, namespace=f"{run_id}-n{k}", address=str(hosts[k]), bridge_port=f"p{k}") for k in range(nodes)
+    )
+    return ClusterPlan(run_id=run_id, bridge_namespace=f"{run_id}-br", subnet=str(net), nodes=specs,
+                       link=parse_link(link))
+
+
+# ---- the machine: namespaces, support check, leftovers ----------------------------------------
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise ClusterError(f"`ip {' '.join(args)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def list_namespaces() -> list[str]:
+    """Names from ``ip netns list`` (empty if ``ip`` is missing)."""
+    if shutil.which("ip") is None:
+        return []
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+_SUPPORT: dict[str, Optional[str]] = {}
+
+
+def unsupported_reason() -> Optional[str]:
+    """None when this machine can host a simulated cluster, else one line saying why not."""
+    if "reason" in _SUPPORT:
+        return _SUPPORT["reason"]
+    reason: Optional[str] = None
+    if sys.platform != "linux":
+        reason = f"the simulated cluster needs Linux network namespaces; this is {sys.platform}"
+    elif os.geteuid() != 0:
+        reason = "the simulated cluster needs root (network namespaces, tc); run as root or skip it"
+    elif shutil.which("ip") is None or shutil.which("tc") is None:
+        reason = "the simulated cluster needs iproute2 (`ip` and `tc`); install iproute2"
+    else:
+        probe = f"{PREFIX}-{os.getpid()}-probe-br"
+        made = _ip("netns", "add", probe, check=False)
+        if made.returncode != 0:
+            reason = f"cannot create a network namespace (`ip netns add` said: {made.stderr.strip()})"
+        else:
+            shaped = subprocess.run(["tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", *tbf_args(10**8)],
+                                    capture_output=True, text=True)
+            if shaped.returncode != 0:
+                reason = f"tc cannot shape a link here (`tc qdisc add ... tbf` said: {shaped.stderr.strip()})"
+            _ip("netns", "del", probe, check=False)
+    _SUPPORT["reason"] = reason
+    return reason
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill_namespace_processes(namespace: str) -> None:
+    """SIGKILL every process inside ``namespace`` (only processes we started live there)."""
+    for _ in range(3):
+        pids = [int(p) for p in _ip("netns", "pids", namespace, check=False).stdout.split() if p.isdigit()]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+
+
+def delete_namespaces(names: Sequence[str]) -> list[str]:
+    """Kill the processes inside and delete ``names``; returns those that could not be deleted."""
+    left = []
+    for name in names:
+        _kill_namespace_processes(name)
+        if _ip("netns", "del", name, check=False).returncode != 0 and name in list_namespaces():
+            left.append(name)
+    return left
+
+
+def cleanup_stale(prefix: str = PREFIX) -> list[str]:
+    """Delete namespaces of earlier runs whose creating process is gone; returns their names."""
+    stale = []
+    for name in list_namespaces():
+        match = _NAME_RE.match(name) if prefix == PREFIX else re.match(rf"^{re.escape(prefix)}-(\d+)-", name)
+        if match and not _pid_alive(int(match.group(1))) or name.endswith("-probe-br") and name.startswith(prefix):
+            stale.append(name)
+    delete_namespaces(stale)
+    return stale
+
+
+# ---- results ------------------------------------------------------------------------------------
+@dataclass
+class NodeResult:
+    """What one node's command did."""
+
+    rank: int
+    returncode: Optional[int]
+    output: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+@dataclass
+class _Running:
+    rank: int
+    proc: subprocess.Popen
+    log: Path
+    start: float
+    pump: Optional[threading.Thread] = None
+    lines: list[str] = field(default_factory=list)
+
+
+class SimulatedCluster:
+    """N network-namespace nodes joined through a bridge, links shaped with ``tc``; a context manager.
+
+    Args:
+        nodes: number of simulated machines.
+        link: speed of every node's link (``"100mbit"``, ``"1gbit"``, ``None``/``"unlimited"``).
+        procs_per_node: torchrun ``--nproc-per-node`` (overridable per :meth:`run`).
+        subnet: private IPv4 range used inside the namespaces only.
+        master_port: rendezvous port on node 0's address.
+    """
+
+    def __init__(self, *, nodes: int = 2, link: Union[None, str, int] = None, procs_per_node: int = 1,
+                 subnet: str = DEFAULT_SUBNET, master_port: int = 29500) -> None:
+        if not isinstance(procs_per_node, int) or procs_per_node < 1:
+            raise ValueError(f"procs_per_node={procs_per_node!r} must be a positive integer (torchrun --nproc-per-node).")
+        if not 1024 <= int(master_port) < 65536:
+            raise ValueError(f"master_port={master_port!r} must be in 1024..65535.")
+        self.plan = plan_cluster(nodes=nodes, link=link, subnet=subnet)
+        self.procs_per_node = procs_per_node
+        self.master_port = int(master_port)
+        self._created: list[str] = []
+        self._running: list[_Running] = []
+        self._old_handlers: dict[int, object] = {}
+        self._runs = 0
+        self.started = False
+
+    # -- lifecycle --
+    def __enter__(self) -> "SimulatedCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> "SimulatedCluster":
+        """Create the namespaces, bridge, cables and shaping; raises :class:`ClusterError` (after
+        removing whatever was made) when that fails."""
+        reason = unsupported_reason()
+        if reason:
+            raise ClusterError(reason)
+        cleanup_stale()
+        self._install_signal_handlers()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        self.started = True
+        return self
+
+    def _build(self) -> None:
+        plan, br = self.plan, self.plan.bridge_namespace
+        prefix_len = ipaddress.ip_network(plan.subnet).prefixlen
+        for ns in [br] + [n.namespace for n in plan.nodes]:
+            _ip("netns", "add", ns)
+            self._created.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", br, "link", "add", BRIDGE, "type", "bridge")
+        _ip("-n", br, "link", "set", BRIDGE, "up")
+        for node in plan.nodes:
+            # the veth pair is born inside the bridge namespace; one end moves to the node's
+            _ip("-n", br, "link", "add", node.bridge_port, "type", "veth", "peer", "name", node.interface,
+                "netns", node.namespace)
+            _ip("-n", br, "link", "set", node.bridge_port, "master", BRIDGE)
+            _ip("-n", br, "link", "set", node.bridge_port, "up")
+            _ip("-n", node.namespace, "addr", "add", f"{node.address}/{prefix_len}", "dev", node.interface)
+            _ip("-n", node.namespace, "link", "set", node.interface, "up")
+        self.set_link(plan.link)
+
+    def set_link(self, link: Union[None, str, int]) -> None:
+        """Shape every node's link to ``link`` in both directions (in place; ``None`` = unlimited)."""
+        rate = parse_link(link)
+        for node in self.plan.nodes:
+            for ns, dev in ((node.namespace, node.interface), (self.plan.bridge_namespace, node.bridge_port)):
+                if rate is None:
+                    subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], capture_output=True)
+                    continue
+                cmd = ["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *tbf_args(rate)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise ClusterError(f"`{' '.join(cmd)}` failed: {proc.stderr.strip()}")
+        self.plan = ClusterPlan(self.plan.run_id, self.plan.bridge_namespace, self.plan.subnet, self.plan.nodes, rate)
+
+    def close(self) -> None:
+        """Stop every process of this cluster and delete its namespaces (idempotent)."""
+        for running in self._running:
+            _terminate(running.proc)
+        self._running.clear()
+        left = delete_namespaces(list(reversed(self._created)))
+        self._created = [ns for ns in self._created if ns in left]
+        self._restore_signal_handlers()
+        self.started = False
+        if left:
+            raise ClusterError(f"could not delete namespaces {left}; remove them with `ip netns del NAME`.")
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):  # turn the signal into an exception so every finally runs
+            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        self._old_handlers.clear()
+
+    # -- running things on nodes --
+    @property
+    def nodes(self) -> tuple[NodeSpec, ...]:
+        return self.plan.nodes
+
+    def popen(self, rank: int, argv: Sequence[str], *, env: Optional[dict] = None, **kwargs) -> subprocess.Popen:
+        """Start ``argv`` inside node ``rank``'s namespace (its own session, so it can be stopped as a group)."""
+        if not self.started:
+            raise ClusterError("the cluster is not started: use `with SimulatedCluster(...) as cluster:` or .start().")
+        node = self.plan.nodes[rank]
+        full_env = dict(os.environ if env is None else env)
+        full_env.update(GLOO_SOCKET_IFNAME=node.interface, TP_SOCKET_IFNAME=node.interface,
+                        DISTNN_NODE_ADDR=node.address)
+        return subprocess.Popen(["ip", "netns", "exec", node.namespace, *argv], env=full_env,
+                                start_new_session=True, **kwargs)
+
+    def torchrun_argv(self, rank: int, command: Sequence[str], *, procs_per_node: Optional[int] = None,
+                      master_port: Optional[int] = None) -> list[str]:
+        """The torchrun line node ``rank`` runs; ``command`` is a script/module line as for torchrun
+        (``python -m pkg.mod args`` or ``distnn-train args`` are unwrapped into ``--no-python`` form)."""
+        command = list(command)
+        if not command:
+            raise ValueError("command is empty: give what every node runs, e.g. ['distnn-train', 'trainer.num_nodes=2'].")
+        base = [
+            shutil.which("torchrun") or "torchrun",
+            f"--nnodes={len(self.plan.nodes)}", f"--node-rank={rank}",
+            f"--nproc-per-node={procs_per_node or self.procs_per_node}",
+            f"--master-addr={self.plan.master_addr}", f"--master-port={master_port or self.master_port}",
+        ]
+        if command[0].endswith(".py"):
+            return base + command
+        return base + ["--no-python"] + command
+
+    def run(self, command: Command, *, procs_per_node: Optional[int] = None, env: Optional[dict] = None,
+            timeout: float = 600.0, cwd: Optional[str] = None, check: bool = True, stream: bool = False) -> list[NodeResult]:
+        """Run ``command`` under torchrun on every node at once and wait for all.
+
+        ``command`` is the same list on every node, or a function of the node rank. A node that fails
+        stops the others; past ``timeout`` seconds all are stopped. With ``check`` a failure raises
+        :class:`ClusterError` with the end of each node's output. ``stream`` copies output live,
+        each line prefixed with its node.
+        """
+        self._runs += 1
+        port = self.master_port + (self._runs - 1) % 100  # a fresh port per run: no TIME_WAIT clash
+        logdir = Path(tempfile.mkdtemp(prefix=f"{self.plan.run_id}-logs-"))
+        for rank in range(len(self.plan.nodes)):
+            argv = command(rank) if callable(command) else command
+            argv = self.torchrun_argv(rank, argv, procs_per_node=procs_per_node, master_port=port)
+            log = logdir / f"node{rank}.log"
+            if stream:
+                proc = self.popen(rank, argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                running = _Running(rank, proc, log, time.monotonic())
+                running.pump = threading.Thread(target=_pump, args=(running,), daemon=True)
+                running.pump.start()
+            else:
+                with open(log, "w") as fh:
+                    proc = self.popen(rank, argv, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
+                running = _Running(rank, proc, log, time.monotonic())
+            self._running.append(running)
+        results = self._wait(timeout)
+        shutil.rmtree(logdir, ignore_errors=True)
+        if check and not all(r.ok for r in results):
+            raise ClusterError(_failure_text(results, command))
+        return results
+
+    def _wait(self, timeout: float) -> list[NodeResult]:
+        deadline = time.monotonic() + timeout
+        ended: dict[int, float] = {}
+        failed, timed_out = False, False
+        try:
+            while len(ended) < len(self._running):
+                for r in self._running:
+                    if r.rank not in ended and r.proc.poll() is not None:
+                        ended[r.rank] = time.monotonic() - r.start
+                        failed = failed or r.proc.returncode != 0
+                if failed or time.monotonic() > deadline:
+                    timed_out = not failed
+                    break
+                time.sleep(0.1)
+        finally:
+            for r in self._running:
+                if r.proc.poll() is None:
+                    _terminate(r.proc)
+                    _kill_namespace_processes(self.plan.nodes[r.rank].namespace)
+            results = []
+            for r in self._running:
+                if r.pump is not None:
+                    r.pump.join(timeout=5)
+                    output = "".join(r.lines)
+                else:
+                    output = r.log.read_text(errors="replace") if r.log.exists() else ""
+                code = r.proc.returncode
+                if timed_out and r.rank not in ended:
+                    output += f"\n[distnn-cluster] node {r.rank} stopped after the {timeout:.0f} s timeout\n"
+                elif r.rank not in ended:
+                    output += "\n[distnn-cluster] node stopped because another node failed\n"
+                results.append(NodeResult(r.rank, code, output, ended.get(r.rank, time.monotonic() - r.start)))
+            self._running.clear()
+        return results
+
+    def measure_link(self, src: int = 0, dst: int = 1, *, seconds: float = 2.0, port: int = 5201) -> float:
+        """Bit/s of one TCP stream from node ``src`` to node ``dst`` (receiver's clock, first to last byte)."""
+        nbytes = int((self.plan.link or 10**9) / 8 * seconds)
+        server = self.popen(dst, [sys.executable, "-c", _RECEIVER, self.plan.nodes[dst].address, str(port), str(nbytes)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.3)
+        client = self.popen(src, [sys.executable, "-c", _SENDER, self.plan.nodes[dst].address, str(port), str(nbytes)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = server.communicate(timeout=60 + 4 * seconds)
+            client.communicate(timeout=10)
+        finally:
+            _terminate(server)
+            _terminate(client)
+        if server.returncode != 0:
+            raise ClusterError(f"link measurement failed: {err.strip()}")
+        received, elapsed = out.split()
+        return int(received) * 8 / float(elapsed)
+
+
+_RECEIVER = """
+import socket, sys, time
+addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((addr, port)); s.listen(1)
+s.settimeout(30); c, _ = s.accept(); c.settimeout(60)
+got, first = 0, None
+while got < n:
+    b = c.recv(1 << 20)
+    if not b:
+        break
+    if first is None:
+        first = time.perf_counter()
+    got += len(b)
+print(got, time.perf_counter() - first)
+"""
+
+_SENDER = """
+import socket, sys, time
+addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(50):
+    try:
+        s = socket.create_connection((addr, port), timeout=5); break
+    except OSError:
+        time.sleep(0.1)
+chunk = b"x" * (1 << 16)
+sent = 0
+while sent < n:
+    sent += s.send(chunk[: min(len(chunk), n - sent)])
+s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
+"""
+
+
+def _pump(running: _Running) -> None:
+    assert running.proc.stdout is not None
+    for line in running.proc.stdout:
+        running.lines.append(line)
+        sys.stdout.write(f"[node {running.rank}] {line}")
+        sys.stdout.flush()
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after 5 s."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _failure_text(results: list[NodeResult], command: Command) -> str:
+    shown = command(0) if callable(command) else command
+    parts = [f"the simulated cluster's command failed: {shlex.join(list(shown))}"]
+    for r in results:
+        tail = "\n".join(r.output.strip().splitlines()[-25:])
+        parts.append(f"--- node {r.rank}: exit code {r.returncode} after {r.seconds:.1f} s ---\n{tail}")
+    return "\n".join(parts)
