@@ -119,6 +119,35 @@ def test_namespaces_removed_on_error_and_stale_ones_cleaned():
     assert dead in cleanup_stale() and dead not in list_namespaces()
 
 
+_HOLD = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("cluster", sys.argv[1])  # stdlib only: no torch import
+cluster = sys.modules["cluster"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cluster)
+with cluster.SimulatedCluster(nodes=2, link="20mbit") as c:
+    p = c.popen(1, ["sleep", "300"])
+    print(" ".join(c.plan.namespaces), flush=True)
+    p.wait()
+"""
+
+
+@needs_namespaces
+def test_sigterm_and_sigint_remove_the_namespaces():
+    import signal
+    import subprocess
+
+    from lightning_distnn.testing import cluster as module
+
+    procs = {sig: subprocess.Popen([sys.executable, "-c", _HOLD, module.__file__], stdout=subprocess.PIPE, text=True)
+             for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig, proc in procs.items():
+        names = proc.stdout.readline().split()
+        assert len(names) == 3 and set(names) <= set(list_namespaces())
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) != 0
+        assert not set(names) & set(list_namespaces()), f"{sig.name} left {names}"
+
+
 @pytest.fixture(scope="module")
 def cluster():
     if unsupported_reason():
