@@ -80,7 +80,7 @@ def format_rate(rate: Optional[int]) -> str:
         return "unlimited"
     for unit, scale in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3)):
         if rate >= scale:
-            return f"{rate / scale:g}{unit}"
+            return f"{rate / scale:.4g}{unit}"
     return f"{rate}bit"
 
 
