@@ -9,7 +9,6 @@ processes for hybrid. They skip, saying why, where namespaces cannot be made (no
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -121,9 +120,11 @@ def test_namespaces_removed_on_error_and_stale_ones_cleaned():
 
 _HOLD = """
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("cluster", sys.argv[1])  # stdlib only: no torch import
-cluster = sys.modules["cluster"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cluster)
+for name, path in zip(("lightning_distnn.testing.cluster_netns", "cluster"), sys.argv[1:]):
+    spec = importlib.util.spec_from_file_location(name, path)  # stdlib only: no torch import
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+cluster = module
 with cluster.SimulatedCluster(nodes=2, link="20mbit") as c:
     p = c.popen(1, ["sleep", "300"])
     print(" ".join(c.plan.namespaces), flush=True)
@@ -136,9 +137,10 @@ def test_sigterm_and_sigint_remove_the_namespaces():
     import signal
     import subprocess
 
-    from lightning_distnn.testing import cluster as module
+    from lightning_distnn.testing import cluster, cluster_netns
 
-    procs = {sig: subprocess.Popen([sys.executable, "-c", _HOLD, module.__file__], stdout=subprocess.PIPE, text=True)
+    files = [cluster_netns.__file__, cluster.__file__]
+    procs = {sig: subprocess.Popen([sys.executable, "-c", _HOLD, *files], stdout=subprocess.PIPE, text=True)
              for sig in (signal.SIGTERM, signal.SIGINT)}
     for sig, proc in procs.items():
         names = proc.stdout.readline().split()
