@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -96,7 +97,7 @@ def unsupported_reason() -> Optional[str]:
     elif shutil.which("ip") is None or shutil.which("tc") is None:
         reason = "the simulated cluster needs iproute2 (`ip` and `tc`); install iproute2"
     else:
-        probe = f"{PREFIX}-{os.getpid()}-probe-br"
+        probe = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(2)}-br"  # a dead run's name if we die here
         made = _ip("netns", "add", probe, check=False)
         if made.returncode != 0:
             reason = f"cannot create a network namespace (`ip netns add` said: {made.stderr.strip()})"
@@ -149,7 +150,7 @@ def cleanup_stale(prefix: str = PREFIX) -> list[str]:
     stale = []
     for name in list_namespaces():
         match = _NAME_RE.match(name) if prefix == PREFIX else re.match(rf"^{re.escape(prefix)}-(\d+)-", name)
-        if match and not _pid_alive(int(match.group(1))) or name.endswith("-probe-br") and name.startswith(prefix):
+        if match and not _pid_alive(int(match.group(1))):
             stale.append(name)
     delete_namespaces(stale)
     return stale
