@@ -81,7 +81,10 @@ def train_one(method: str, *, width: int, seed: int, args) -> dict:
         strategy = PipelineStrategy(timeout=300, **kwargs)
         batch = args.batch * world
     else:
-        strategy = DataParallelStrategy(timeout=300, **kwargs)
+        # one DDP bucket (an explicit cap also sizes the first bucket): PowerSGD's hook issues the
+        # collectives of several buckets from future callbacks, whose order can differ between
+        # ranks on gloo ("Received data size doesn't match expected size")
+        strategy = DataParallelStrategy(timeout=300, bucket_cap_mb=args.bucket_cap_mb, **kwargs)
         batch = args.batch
     data = DigitsDataModule(image_size=args.image_size, batch_size=batch, drop_last=True, eval_batch_size=batch)
     clock = _clock()
@@ -195,7 +198,7 @@ def driver(args) -> None:
     rows_path = out / "rows.jsonl"
     if not args.append and rows_path.exists():
         rows_path.unlink()
-    common = ["--epochs", str(args.epochs), "--batch", str(args.batch), "--lr", str(args.lr),
+    common = ["--epochs", str(args.epochs), "--bucket-cap-mb", str(args.bucket_cap_mb), "--batch", str(args.batch), "--lr", str(args.lr),
               "--momentum", str(args.momentum), "--image-size", str(args.image_size), "--rows", str(rows_path),
               "--widths", *map(str, args.widths), "--methods", *args.methods]
     start = time.monotonic()
@@ -230,6 +233,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size (first bucket too)")
     p.add_argument("--out", default="benchmarks/results/links")
     p.add_argument("--append", action="store_true", help="keep earlier rows in <out>/rows.jsonl")
     p.add_argument("--job-timeout", type=float, default=3600.0)
