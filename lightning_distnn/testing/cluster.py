@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -390,6 +391,10 @@ def _failure_text(results: list[NodeResult], command: Command) -> str:
     shown = command(0) if callable(command) else command
     parts = [f"the simulated cluster's command failed: {shlex.join(list(shown))}"]
     for r in results:
-        tail = "\n".join(r.output.strip().splitlines()[-25:])
-        parts.append(f"--- node {r.rank}: exit code {r.returncode} after {r.seconds:.1f} s ---\n{tail}")
+        lines = r.output.strip().splitlines()
+        # the workers' own errors come before torchrun's summary, which fills the tail
+        errors = [l for l in lines[:-25] if re.search(r"(Error|Exception|what\(\)|terminate called)", l)
+                  and "socket.cpp" not in l][-8:]
+        text = "\n".join((["(errors above the tail:)"] + errors + ["..."] if errors else []) + lines[-25:])
+        parts.append(f"--- node {r.rank}: exit code {r.returncode} after {r.seconds:.1f} s ---\n{text}")
     return "\n".join(parts)
