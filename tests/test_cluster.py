@@ -172,9 +172,21 @@ def test_link_carries_its_configured_rate(cluster):
 def cross_node_weights(cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("cluster_job")
     job = [sys.executable, "-m", "lightning_distnn.testing.cluster_job", "--out", str(out)]
+    before = cluster.traffic()
     cluster.run(job + ONE_PER_NODE, procs_per_node=1, timeout=240)
     cluster.run(job + TWO_PER_NODE, procs_per_node=2, timeout=200)
-    return out
+    after = cluster.traffic()
+    sent = [a["tx_bytes"] - b["tx_bytes"] for a, b in zip(after, before)]
+    return out, sent
+
+
+@needs_namespaces
+@pytest.mark.slow
+def test_training_traffic_crossed_the_links(cross_node_weights):
+    """Both nodes pushed at least the gradients of 6 cases x 3 steps through their shaped eth0."""
+    _, sent = cross_node_weights
+    params = sum(v.numel() * 4 for v in cluster_job.make_module(False).net.state_dict().values())
+    assert min(sent) > 6 * cluster_job.STEPS * params / 2, (sent, params)
 
 
 @needs_namespaces
@@ -182,7 +194,8 @@ def cross_node_weights(cluster, tmp_path_factory):
 @pytest.mark.parametrize("case", ONE_PER_NODE + TWO_PER_NODE)
 def test_strategy_across_two_nodes_matches_one_process(cross_node_weights, case):
     procs = cluster_job.CASES[case][3]
-    records = [torch.load(cross_node_weights / f"{case}.rank{r}.pt", weights_only=False) for r in range(2 * procs)]
+    out, _ = cross_node_weights
+    records = [torch.load(out / f"{case}.rank{r}.pt", weights_only=False) for r in range(2 * procs)]
     assert [r["node"] for r in records] == [r // procs for r in range(2 * procs)]  # ranks really on 2 nodes
     assert {r["interface"] for r in records} == {"eth0"} and {r["steps"] for r in records} == {cluster_job.STEPS}
     expected = cluster_job.reference(case)

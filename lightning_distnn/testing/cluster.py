@@ -25,6 +25,7 @@ It needs root and iproute2 (``ip``, ``tc``); :func:`unsupported_reason` says in 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -277,13 +278,13 @@ class SimulatedCluster:
 
     def torchrun_argv(self, rank: int, command: Sequence[str], *, procs_per_node: Optional[int] = None,
                       master_port: Optional[int] = None) -> list[str]:
-        """The torchrun line node ``rank`` runs; ``command`` is a script/module line as for torchrun
-        (``python -m pkg.mod args`` or ``distnn-train args`` are unwrapped into ``--no-python`` form)."""
+        """The torchrun line node ``rank`` runs: a ``.py`` script is run by torchrun's python, any other
+        command (``python -m pkg.mod args``, ``distnn-train args``) as it is (``--no-python``)."""
         command = list(command)
         if not command:
             raise ValueError("command is empty: give what every node runs, e.g. ['distnn-train', 'trainer.num_nodes=2'].")
         base = [
-            shutil.which("torchrun") or "torchrun",
+            sys.executable, "-m", "torch.distributed.run",  # torchrun of this interpreter
             f"--nnodes={len(self.plan.nodes)}", f"--node-rank={rank}",
             f"--nproc-per-node={procs_per_node or self.procs_per_node}",
             f"--master-addr={self.plan.master_addr}", f"--master-port={master_port or self.master_port}",
@@ -358,6 +359,17 @@ class SimulatedCluster:
                 results.append(NodeResult(r.rank, code, output, ended.get(r.rank, time.monotonic() - r.start)))
             self._running.clear()
         return results
+
+    def traffic(self) -> list[dict[str, int]]:
+        """Bytes and packets each node's ``eth0`` has sent and received so far (kernel counters):
+        what really crossed the links."""
+        out = []
+        for node in self.plan.nodes:
+            text = _ip("-n", node.namespace, "-j", "-s", "link", "show", node.interface).stdout
+            stats = json.loads(text)[0]["stats64"]
+            out.append({"tx_bytes": stats["tx"]["bytes"], "rx_bytes": stats["rx"]["bytes"],
+                        "tx_packets": stats["tx"]["packets"], "rx_packets": stats["rx"]["packets"]})
+        return out
 
     def measure_link(self, src: int = 0, dst: int = 1, *, seconds: float = 2.0, port: int = 5201) -> float:
         """Bit/s of one TCP stream from node ``src`` to node ``dst`` (receiver's clock, first to last byte)."""
