@@ -9,6 +9,7 @@ processes for hybrid. They skip, saying why, where namespaces cannot be made (no
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +213,23 @@ def test_strategy_across_two_nodes_matches_one_process(cross_node_weights, case)
     if case == "hybrid":  # dp runs across the nodes, pp inside each node
         coords = [r["coords"] for r in records]
         assert [c["dp"] for c in coords] == [0, 0, 1, 1] and [c["pp"] for c in coords] == [0, 1, 0, 1]
+
+
+def test_link_benchmark_ratios_are_per_seed_against_dense_of_the_same_job(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_links.py"
+    spec = importlib.util.spec_from_file_location("bench_links", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = []
+    for seed, base in ((0, 100.0), (1, 50.0)):  # a slower machine for seed 1: ratios stay 2
+        for method, factor, acc in (("dense", 1.0, 0.90), ("powersgd_r2", 2.0, 0.88)):
+            rows.append({"method": method, "width": 32, "seed": seed, "link": "20mbit", "acc": acc,
+                         "sent": 1000.0 / factor, "images_per_s": base * factor})
+    text = bench.table(rows)
+    line = next(l for l in text.splitlines() if "powersgd_r2" in l).split("|")
+    assert [c.strip() for c in line[1:6]] == ["20mbit", "32", "powersgd_r2", "2", "150"]
+    assert line[6].strip() == "2" and abs(float(line[9]) - 0.88) < 1e-9 and abs(float(line[10]) + 2) < 1e-9
+    bench.plot(rows, tmp_path / "links.png")
+    assert (tmp_path / "links.png").stat().st_size > 0
