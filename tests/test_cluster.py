@@ -96,9 +96,22 @@ def test_cli_rejects_bad_input_before_creating_anything(capsys):
     assert list_namespaces() == before
 
 
-def test_unsupported_reason_is_one_line():
+def test_unsupported_reason_is_one_line(monkeypatch, capsys):
+    from lightning_distnn.testing import cluster_netns
+
     reason = unsupported_reason()
     assert reason is None or "\n" not in reason
+    monkeypatch.setattr(cluster_netns, "_SUPPORT", {})
+    monkeypatch.setattr(cluster_netns.os, "geteuid", lambda: 1000)
+    assert unsupported_reason() == "the simulated cluster needs root (network namespaces, tc); run as root or skip it"
+    assert cli_main(["--nodes", "2", "--", "true"]) == 3
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    with pytest.raises(ClusterError, match="needs root"):
+        SimulatedCluster(nodes=2).start()
+    monkeypatch.setattr(cluster_netns, "_SUPPORT", {})
+    monkeypatch.setattr(cluster_netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(cluster_netns.shutil, "which", lambda name: None)
+    assert "install iproute2" in unsupported_reason()
 
 
 # ---- the real thing -------------------------------------------------------------------------------
