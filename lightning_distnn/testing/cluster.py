@@ -234,13 +234,21 @@ class SimulatedCluster:
         self.plan = ClusterPlan(self.plan.run_id, self.plan.bridge_namespace, self.plan.subnet, self.plan.nodes, rate)
 
     def close(self) -> None:
-        """Stop every process of this cluster and delete its namespaces (idempotent)."""
-        for running in self._running:
-            _terminate(running.proc)
-        self._running.clear()
-        left = delete_namespaces(list(reversed(self._created)))
-        self._created = [ns for ns in self._created if ns in left]
-        self._restore_signal_handlers()
+        """Stop every process of this cluster and delete its namespaces (idempotent; a second
+        Ctrl-C or SIGTERM while this runs waits until it is done)."""
+        held = {}
+        if threading.current_thread() is threading.main_thread():
+            held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            for running in self._running:
+                _terminate(running.proc)
+            self._running.clear()
+            left = delete_namespaces(list(reversed(self._created)))
+            self._created = [ns for ns in self._created if ns in left]
+        finally:
+            for sig, old in held.items():
+                signal.signal(sig, old)
+            self._restore_signal_handlers()
         self.started = False
         if left:
             raise ClusterError(f"could not delete namespaces {left}; remove them with `ip netns del NAME`.")
