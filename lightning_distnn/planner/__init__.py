@@ -14,14 +14,14 @@ measured :mod:`~lightning_distnn.planner.profile` and :mod:`~lightning_distnn.pl
 Command line: ``distnn-plan --help`` (:mod:`lightning_distnn.planner.cli`).
 """
 
-from lightning_distnn.planner.cost import Estimate, Layout, Term, check_layout, predict
+from lightning_distnn.planner.cost import Calibration, Estimate, Layout, Term, check_layout, predict
 from lightning_distnn.planner.links import Link, Network, fit_link, measure_link, measure_network
 from lightning_distnn.planner.plan import plan_layout, probe
 from lightning_distnn.planner.profile import LayerProfile, Leaf, ModelProfile, TPCost, profile_model
 from lightning_distnn.planner.search import NoLayoutFits, Plan, StrategyChoice, candidate_layouts, search, strategy_for
 
 __all__ = [
-    "Estimate", "Layout", "Term", "check_layout", "predict",
+    "Calibration", "Estimate", "Layout", "Term", "check_layout", "predict",
     "Link", "Network", "fit_link", "measure_link", "measure_network",
     "plan_layout", "probe",
     "LayerProfile", "Leaf", "ModelProfile", "TPCost", "profile_model",

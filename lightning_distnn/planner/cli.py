@@ -151,21 +151,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if isinstance(current, str):
             print(f"distnn-plan: --current: {current}", file=sys.stderr)
             return 2
-    measured = None
-    if args.measure > 0 or (current is not None and args.measure):
-        from lightning_distnn.planner.measure import measure_layouts
+    measured = calibrated = None
+    if args.measure > 0:
+        from lightning_distnn.planner.measure import fit_calibration, measure_layouts
+        from lightning_distnn.planner.plan import save_calibration
+        from lightning_distnn.planner.search import search
 
         chosen = [e.layout for e in plan.ranked[: args.measure]]
         if current is not None and current.layout not in chosen:
             chosen.append(current.layout)
         measured = measure_layouts(chosen, build_network, factory_kwargs, shape, global_batch=args.global_batch,
                                    num_classes=args.classes, steps=args.steps, rounds=args.rounds)
+        estimates = _estimates(plan, current)
+        labels = [label for label in measured if label in estimates]
+        calibration = fit_calibration([estimates[k] for k in labels], [measured[k]["step_s"] for k in labels])
+        if not args.no_cache:
+            save_calibration(args.cache_dir, plan.profile.device, args.world_size, calibration)
+        calibrated = search(plan.profile, plan.network, world_size=args.world_size, global_batch=args.global_batch,
+                            max_memory_per_rank=args.max_memory_per_rank, optimizer_states=args.optimizer_states,
+                            calibration=calibration, **options)
     if args.json:
         data = plan.to_dict()
         if current is not None:
             data["current"] = {"layout": current.layout.label, "step_s": current.step_s, "refused": current.refused}
         if measured is not None:
             data["measured"] = measured
+            data["calibration"] = vars(calibrated.calibration) if calibrated is not None else None
+            data["calibrated_best"] = calibrated.best.layout.label
         print(json.dumps(data, indent=1, default=str))
         return 0
     print(plan if args.top is None else _text(plan, args.top))
@@ -173,7 +185,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\nyour layout {current.layout.label}: predicted {current.step_s * 1e3:.4g} ms/step "
               f"({current.step_s / plan.best.step_s:.3g}x the best)" + (f"; refused: {current.refused}" if current.refused else ""))
     if measured is not None:
-        print("\nmeasured beside predicted:\n" + measured_table(plan, measured, current))
+        c = calibrated.calibration
+        print("\nmeasured beside predicted (calibrated: T_0 = "
+              f"{c.step_s * 1e3:.3g} ms/step + {c.action_s * 1e3:.3g} ms/pipeline action, fitted on these "
+              f"{c.fitted_on} layouts{', saved for later plans' if not args.no_cache else ''}):\n"
+              + measured_table(plan, measured, current, calibrated))
+        print(f"\nwith the calibration the best layout is {calibrated.best.layout.label} "
+              f"({calibrated.best.step_s * 1e3:.4g} ms/step): {calibrated.strategy()}")
     return 0
 
 
@@ -207,22 +225,29 @@ def _current_layout(kwargs: dict[str, Any], plan, args):
         return str(err)
 
 
-def measured_table(plan, measured: dict[str, dict[str, Any]], current=None) -> str:
-    """Predicted and measured step time per measured layout, with the relative error."""
-    estimates = {e.layout.label: e for e in plan.ranked}
+def _estimates(plan, current=None) -> dict:
+    out = {e.layout.label: e for e in plan.ranked}
     if current is not None:
-        estimates.setdefault(current.layout.label, current)
+        out.setdefault(current.layout.label, current)
+    return out
+
+
+def measured_table(plan, measured: dict[str, dict[str, Any]], current=None, calibrated=None) -> str:
+    """Predicted (raw and calibrated) and measured step time per measured layout, with the relative errors."""
+    raw = _estimates(plan, current)
+    cal = _estimates(calibrated) if calibrated is not None else {}
     rows = []
     for label, m in measured.items():
-        est = estimates[label]
-        rows.append({
-            "layout": label,
-            "predicted ms": est.step_s * 1e3,
-            "measured ms": m["step_s"] * 1e3,
-            "error": abs(est.step_s - m["step_s"]) / m["step_s"],
-            "predicted images/s": est.images_per_s,
-            "measured images/s": plan.global_batch / m["step_s"],
-        })
+        est = raw[label]
+        row = {"layout": label, "predicted ms": est.step_s * 1e3}
+        if label in cal:
+            row["calibrated ms"] = cal[label].step_s * 1e3
+        row["measured ms"] = m["step_s"] * 1e3
+        row["error"] = abs(est.step_s - m["step_s"]) / m["step_s"]
+        if label in cal:
+            row["calibrated error"] = abs(cal[label].step_s - m["step_s"]) / m["step_s"]
+        row["measured images/s"] = plan.global_batch / m["step_s"]
+        rows.append(row)
     return format_table(rows)
 
 

@@ -6,6 +6,8 @@ compression), a global batch ``B`` and a :class:`~lightning_distnn.planner.profi
 samples per replica, ``m`` micro-batches of ``mu = b/m``; ``c_s`` the time of stage ``s`` for one
 micro-batch, ``C_r`` the sum of ``c_s`` over the ``v`` stages rank ``r`` holds, ``r*`` the slowest rank):
 
+* ``T_0`` the framework's own time per step and per pipeline action (:class:`Calibration`, fitted
+  from measured steps; zero until calibrated).
 * ``T_1`` compute: forward + backward, the pipeline's bubble included:
   ``m * C_r* + (sum_s c_s - C_r*) / v`` over the compute part of each ``c_s``. With equal stages
   that is ``(m + (p-1)/v) c``, i.e. the slowest stage's compute times ``1 / (1 - bubble)``.
@@ -79,6 +81,29 @@ class Layout:
     def stage_ranks(self) -> list[int]:
         """Pipeline rank of every stage (looped schedules place stage ``s`` on rank ``s % pp``)."""
         return [s % self.pp for s in range(self.num_stages)]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The framework's own time per step, which no layer profile sees (``T_0``).
+
+    ``step_s``: per training step (Lightning's loop, data loading, metrics, logging, launching
+    the collectives); ``action_s``: per pipeline action (a forward or backward of one micro-batch
+    on one stage: the schedule's bookkeeping, the send/recv set-up). Fitted from measured steps
+    by :func:`lightning_distnn.planner.measure.fit_calibration`; zero until then.
+    """
+
+    step_s: float = 0.0
+    action_s: float = 0.0
+    fitted_on: int = 0
+
+    def seconds(self, layout: "Layout") -> float:
+        return self.step_s + self.action_s * actions(layout)
+
+
+def actions(layout: "Layout") -> int:
+    """Pipeline actions (F and B per micro-batch per local stage) of one rank per step; 0 without a pipeline."""
+    return 2 * layout.microbatches * layout.stages_per_rank if layout.pp > 1 else 0
 
 
 @dataclass
@@ -188,6 +213,7 @@ def predict(
     global_batch: int,
     optimizer_states: int = 1,
     max_memory_per_rank: Optional[float] = None,
+    calibration: Optional[Calibration] = None,
 ) -> Estimate:
     """Predict one layout (see the module docstring); ``refused`` says why when it is over the memory budget."""
     check_layout(layout, profile, global_batch)
@@ -257,7 +283,11 @@ def predict(
         sync_name = f"parameter server push + pull, {L.dp - 1} workers to 1 server" + (f" ({L.compression})" if wire != element else "")
         sync_formula = "(dp-1) (push + pull bytes) / bandwidth + 2(dp-1) latency"
     optimizer = P.optimizer_s_per_param * max(rank_params.values()) / element
+    calibration = calibration or Calibration()
     terms = [
+        Term("T_0", "framework per step (loop, data, logging) + per pipeline action", calibration.seconds(L),
+             f"{calibration.step_s * 1e3:.3g} ms + {calibration.action_s * 1e3:.3g} ms x {actions(L)} actions"
+             + ("" if calibration.fitted_on else " (not calibrated)")),
         Term("T_1", "forward + backward, pipeline bubble included", path(compute),
              "m C_r* + (sum_s c_s - C_r*)/v" if L.pp > 1 else "b samples through all layers"),
         Term("T_2", "optimizer step", optimizer, "seconds/parameter x parameters on the slowest rank"),

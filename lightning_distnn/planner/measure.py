@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_distnn.planner.cost import Layout
+from lightning_distnn.planner.cost import Calibration, Estimate, Layout, actions
 from lightning_distnn.planner.search import strategy_for
 
 
@@ -88,3 +88,25 @@ def measure_layouts(
     for label, samples in results[0].items():
         out[label] = {"step_s": statistics.median(samples) if samples else float("nan"), "samples": samples}
     return out
+
+
+def fit_calibration(estimates: Sequence[Estimate], measured_s: Sequence[float]) -> Calibration:
+    """Fit ``T_0 = step_s + action_s x actions`` to what the profile-based terms leave unexplained.
+
+    Least squares over the measured layouts of ``measured - (predicted - T_0 used)``; with no
+    pipeline among them (or a negative slope) only ``step_s`` is fitted (the median residual).
+    """
+    if len(estimates) != len(measured_s) or not estimates:
+        raise ValueError(f"fit_calibration needs one measurement per estimate, got {len(estimates)} and {len(measured_s)}.")
+    xs = [actions(e.layout) for e in estimates]
+    ys = [m - (e.step_s - next(t.value for t in e.terms if t.symbol == "T_0")) for e, m in zip(estimates, measured_s)]
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    if slope <= 0:
+        return Calibration(step_s=max(statistics.median(ys), 0.0), action_s=0.0, fitted_on=n)
+    step = my - slope * mx
+    if step < 0:
+        step, slope = 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+    return Calibration(step_s=step, action_s=slope, fitted_on=n)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_distnn.planner.cost import Calibration
 from lightning_distnn.planner.links import Network, measure_network
 from lightning_distnn.planner.profile import (
     DEFAULT_CACHE,
@@ -34,6 +35,22 @@ from lightning_distnn.planner.profile import (
     write_cache,
 )
 from lightning_distnn.planner.search import Plan, search
+
+
+def calibration_key(device: str, world_size: int) -> str:
+    """Cache key of the framework calibration (:class:`~lightning_distnn.planner.cost.Calibration`) of a machine."""
+    return "calibration-" + "".join(c if c.isalnum() else "_" for c in device) + f"-w{world_size}"
+
+
+def load_calibration(cache_dir: Optional[os.PathLike], device: str, world_size: int) -> Optional[Calibration]:
+    data = read_cache(cache_dir, calibration_key(device, world_size))
+    return Calibration(**data) if data else None
+
+
+def save_calibration(cache_dir: Optional[os.PathLike], device: str, world_size: int, calibration: Calibration) -> None:
+    write_cache(cache_dir, calibration_key(device, world_size), {"step_s": calibration.step_s,
+                                                                  "action_s": calibration.action_s,
+                                                                  "fitted_on": calibration.fitted_on})
 
 
 def _profile_here(net, example_input, *, sizes, world_size, repeats, measure_links, ranks_per_node):
@@ -91,6 +108,7 @@ def plan_layout(
     processes: Optional[int] = None,
     factory: Optional[Callable[..., nn.Sequential]] = None,
     factory_kwargs: Optional[dict] = None,
+    calibration: Optional[Calibration] = None,
     **search_options: Any,
 ) -> Plan:
     """Profile ``net`` (or read its cached profile), get the links, and search every layout of ``world_size``.
@@ -107,6 +125,8 @@ def plan_layout(
         cache_dir: where profiles are cached (``None``: no cache).
         processes, factory, factory_kwargs: profile in that many spawned processes, each building the
             network with ``factory(**factory_kwargs)`` (outside a process group only).
+        calibration: the framework's time per step / pipeline action (``T_0``); default: the one
+            ``distnn-plan --measure`` saved for this device and world size in ``cache_dir``, else zero.
         search_options: passed to :func:`~lightning_distnn.planner.search.candidate_layouts`
             (``schedules``, ``syncs``, ``compressions``, ``max_microbatches``, ``tp_degrees``).
     """
@@ -146,8 +166,15 @@ def plan_layout(
             measured = Network.assumed()
         if not distributed or dist.get_rank() == 0:
             write_cache(cache_dir, key, {"profile": profile.to_dict(), "network": measured.to_dict()})
+    if calibration is None:
+        calibration = load_calibration(cache_dir, profile.device, world_size) if not distributed or dist.get_rank() == 0 else None
+        if distributed:
+            box = [calibration]
+            dist.broadcast_object_list(box, src=0)
+            calibration = box[0]
     plan = search(profile, network or measured, world_size=world_size, global_batch=global_batch,
-                  max_memory_per_rank=max_memory_per_rank, optimizer_states=optimizer_states, **search_options)
+                  max_memory_per_rank=max_memory_per_rank, optimizer_states=optimizer_states,
+                  calibration=calibration, **search_options)
     plan.notes.append(f"profile: {'cache ' + key if cached is not None else 'measured now'} "
                       f"({profile.profiled_in} process(es) at once on {profile.device})")
     plan.profile = profile

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
 from lightning_distnn.partition.model import balanced, uniform
-from lightning_distnn.planner.cost import COMPRESSIONS, SCHEDULES, SYNCS, Estimate, Layout, predict
+from lightning_distnn.planner.cost import SCHEDULES, SYNCS, Calibration, Estimate, Layout, predict
 from lightning_distnn.planner.links import Network
 from lightning_distnn.planner.profile import ModelProfile
 
@@ -75,6 +75,7 @@ class Plan:
     network: Optional[Network] = None
     notes: list[str] = field(default_factory=list)
     profile: Optional[ModelProfile] = field(default=None, repr=False)
+    calibration: Calibration = field(default_factory=Calibration)
 
     @property
     def best(self) -> Estimate:
@@ -234,6 +235,7 @@ def search(
     max_memory_per_rank: Optional[float] = None,
     optimizer_states: int = 1,
     layouts: Optional[Iterable[Layout]] = None,
+    calibration: Optional[Calibration] = None,
     **candidates: Any,
 ) -> Plan:
     """Predict every candidate layout (or the given ``layouts``) and rank the ones within the budget."""
@@ -251,13 +253,13 @@ def search(
             f"batch that is a multiple of {world_size}, or another world size."
         )
     estimates = [predict(layout, profile, network, global_batch=global_batch, optimizer_states=optimizer_states,
-                         max_memory_per_rank=max_memory_per_rank) for layout in layouts]
+                         max_memory_per_rank=max_memory_per_rank, calibration=calibration) for layout in layouts]
     ranked = sorted((e for e in estimates if not e.refused), key=lambda e: (e.step_s, e.memory_bytes))
     refused = sorted((e for e in estimates if e.refused), key=lambda e: e.memory_bytes)
     if not ranked:
         raise NoLayoutFits(_no_fit_message(refused, world_size, global_batch, max_memory_per_rank))
     return Plan(ranked=ranked, refused=refused, world_size=world_size, global_batch=global_batch,
-                max_memory_per_rank=max_memory_per_rank, network=network)
+                max_memory_per_rank=max_memory_per_rank, network=network, calibration=calibration or Calibration())
 
 
 def _no_fit_message(refused: list[Estimate], world_size: int, global_batch: int, budget: float) -> str:
