@@ -10,8 +10,10 @@ The step time is the median interval between consecutive ``on_train_batch_end`` 
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
@@ -35,13 +37,38 @@ class StepTimer(pl.Callback):
         return [b - a for a, b in zip(self.ends, self.ends[1:])]
 
 
+def _status_kb(field: str) -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak resident set (Linux ``clear_refs``); returns the current RSS in bytes (0 elsewhere)."""
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return 0
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    """Peak resident set since :func:`reset_peak_rss`, in bytes (0 where /proc is missing)."""
+    return _status_kb("VmHWM") * 1024
+
+
 def _measure_rank(rank: int, world_size: int, factory: Callable[..., nn.Sequential], factory_kwargs: dict,
                   sample_shape: Sequence[int], num_classes: int, global_batch: int, layouts: Sequence[Layout],
-                  steps: int, warmup: int, rounds: int, timeout: float) -> dict[str, list[float]]:
+                  steps: int, warmup: int, rounds: int, timeout: float) -> dict[str, dict[str, list[float]]]:
     from lightning_distnn.models import ImageClassifier
     from lightning_distnn.testing.equivalence import FixedDataModule, quiet_trainer
 
-    out: dict[str, list[float]] = {layout.label: [] for layout in layouts}
+    out: dict[str, dict[str, list[float]]] = {layout.label: {"steps": [], "peak": []} for layout in layouts}
     generator = torch.Generator().manual_seed(0)
     n = global_batch * (steps + warmup)
     x = torch.randn(n, *sample_shape, generator=generator)
@@ -53,8 +80,10 @@ def _measure_rank(rank: int, world_size: int, factory: Callable[..., nn.Sequenti
             strategy = strategy_for(layout).build(timeout=timeout)
             timer = StepTimer()
             trainer = quiet_trainer(strategy, devices=world_size, max_steps=steps + warmup, callbacks=[timer])
+            base = reset_peak_rss()
             trainer.fit(module, datamodule=FixedDataModule(x, y, global_batch // layout.dp))
-            out[layout.label].extend(timer.intervals()[max(0, warmup - 1):])
+            out[layout.label]["peak"].append(float(peak_rss() - base) if base else float("nan"))
+            out[layout.label]["steps"].extend(timer.intervals()[max(0, warmup - 1):])
     return out
 
 
@@ -72,7 +101,12 @@ def measure_layouts(
     timeout: float = 1800.0,
     collective_timeout: float = 300.0,
 ) -> dict[str, dict[str, Any]]:
-    """Train every layout for ``warmup + steps`` steps; returns label -> {"step_s": median, "samples": [...]}."""
+    """Train every layout for ``warmup + steps`` steps.
+
+    Returns label -> ``{"step_s": median step seconds, "samples": [...], "peak_rss_bytes": ...}``, the
+    last the largest growth of any rank's resident memory during its ``fit`` (Linux; NaN elsewhere):
+    a rough stand-in for the peak the memory model predicts (it also counts Lightning's own buffers).
+    """
     if not layouts:
         return {}
     worlds = {layout.world_size for layout in layouts}
@@ -85,8 +119,11 @@ def measure_layouts(
     results = run_distributed(_measure_rank, worlds.pop(), factory, factory_kwargs, tuple(sample_shape), num_classes,
                               global_batch, list(layouts), steps, warmup, rounds, collective_timeout, timeout=timeout)
     out = {}
-    for label, samples in results[0].items():
-        out[label] = {"step_s": statistics.median(samples) if samples else float("nan"), "samples": samples}
+    for label, data in results[0].items():
+        samples = data["steps"]
+        peaks = [max(r[label]["peak"]) for r in results if r[label]["peak"]]
+        out[label] = {"step_s": statistics.median(samples) if samples else float("nan"), "samples": samples,
+                      "peak_rss_bytes": max(peaks) if peaks else float("nan")}
     return out
 
 
