@@ -190,8 +190,16 @@ def test_fit_link_and_calibration_recover_known_values():
     truth = Calibration(step_s=0.05, action_s=0.002)
     cal = fit_calibration(ests, [e.step_s + truth.seconds(e.layout) for e in ests])
     assert cal.step_s == pytest.approx(0.05) and cal.action_s == pytest.approx(0.002)
+    assert cal.compute_scale == 1.0  # three layouts: the compute scale is not fitted
     again = predict(layouts[1], prof, FAST, global_batch=32, calibration=cal)
     assert again.step_s == pytest.approx(ests[1].step_s + 0.05 + 0.002 * 4)
+    layouts += [Layout(dp=4), Layout(pp=4, schedule="1f1b", microbatches=4, partition=(1, 1, 1, 1)),
+                Layout(dp=2, pp=2, schedule="gpipe", microbatches=4, partition=(2, 2))]
+    world = [predict(layout, prof, SLOW, global_batch=32) for layout in layouts]
+    truth = Calibration(step_s=0.03, action_s=0.001, compute_scale=1.3)
+    measured = [predict(layout, prof, SLOW, global_batch=32, calibration=truth).step_s for layout in layouts]
+    cal = fit_calibration(world, measured)
+    assert (cal.step_s, cal.action_s, cal.compute_scale) == pytest.approx((0.03, 0.001, 1.3))
 
 
 # ---- profile of a real network -------------------------------------------------------------------------

@@ -187,7 +187,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if measured is not None:
         c = calibrated.calibration
         print("\nmeasured beside predicted (calibrated: T_0 = "
-              f"{c.step_s * 1e3:.3g} ms/step + {c.action_s * 1e3:.3g} ms/pipeline action, fitted on these "
+              f"{c.step_s * 1e3:.3g} ms/step + {c.action_s * 1e3:.3g} ms/pipeline action + {c.collective_s * 1e3:.3g} "
+              f"ms/tp collective, compute x {c.compute_scale:.3g}; fitted on these "
               f"{c.fitted_on} layouts{', saved for later plans' if not args.no_cache else ''}):\n"
               + measured_table(plan, measured, current, calibrated))
         print(f"\nwith the calibration the best layout is {calibrated.best.layout.label} "

@@ -89,16 +89,22 @@ class Calibration:
 
     ``step_s``: per training step (Lightning's loop, data loading, metrics, logging, launching
     the collectives); ``action_s``: per pipeline action (a forward or backward of one micro-batch
-    on one stage: the schedule's bookkeeping, the send/recv set-up). Fitted from measured steps
-    by :func:`lightning_distnn.planner.measure.fit_calibration`; zero until then.
+    on one stage: the schedule's bookkeeping, the send/recv set-up); ``collective_s``: per
+    tensor-parallel collective (DTensor dispatch and redistribution beyond the link's latency);
+    ``compute_scale``: multiplies the profiled compute (``T_1``, ``T_2``) when the run computes
+    faster or slower than the layers did alone. Fitted from measured steps by
+    :func:`lightning_distnn.planner.measure.fit_calibration`; neutral until then.
     """
 
     step_s: float = 0.0
     action_s: float = 0.0
+    collective_s: float = 0.0
+    compute_scale: float = 1.0
     fitted_on: int = 0
 
-    def seconds(self, layout: "Layout") -> float:
-        return self.step_s + self.action_s * actions(layout)
+    def seconds(self, layout: "Layout", collectives: float = 0.0) -> float:
+        """``T_0`` of a layout whose slowest rank runs ``collectives`` tensor-parallel collectives per step."""
+        return self.step_s + self.action_s * actions(layout) + self.collective_s * collectives
 
 
 def actions(layout: "Layout") -> int:
@@ -129,6 +135,7 @@ class Estimate:
     memory_terms: list[Term] = field(default_factory=list)
     stage_s: list[float] = field(default_factory=list)
     refused: str = ""
+    features: dict[str, float] = field(default_factory=dict)  # uncalibrated parts, for fit_calibration
 
     @property
     def images_per_s(self) -> float:
@@ -232,7 +239,7 @@ def predict(
         f = layer.tp[tp].sharded
         return 1 - f + f / tp
 
-    compute, p2p, tpcomm, params, saved, inbuf = [], [], [], [], [], []
+    compute, p2p, tpcomm, params, saved, inbuf, ncoll = [], [], [], [], [], [], []
     for s, layers in enumerate(stages):
         comp = sum((P.layers[i].time("forward", mu) + P.layers[i].time("backward", mu)) * shard(P.layers[i]) for i in layers)
         send = 0.0
@@ -240,14 +247,17 @@ def predict(
             send += pp_link.p2p(P.layers[layers[-1]].out_bytes * mu)  # activation forward
         if s > 0:
             send += pp_link.p2p(P.layers[layers[0] - 1].out_bytes * mu)  # its gradient back
-        coll = 0.0
+        coll, count = 0.0, 0
         if tp > 1:
             for i in layers:
                 c = P.layers[i].tp[tp]
                 coll += c.collectives * 2 * (tp - 1) * tp_link.latency + c.bytes_per_sample * mu / tp_link.bandwidth
+                count += c.collectives
             last = P.layers[layers[-1]]
             if last.tp[tp].out_sharded:  # a stage's output is gathered before it is sent
                 coll += tp_link.allgather(last.out_bytes * mu, tp)
+                count += 1
+        ncoll.append(count)
         compute.append(comp)
         p2p.append(send)
         tpcomm.append(coll)
@@ -283,14 +293,18 @@ def predict(
         sync_name = f"parameter server push + pull, {L.dp - 1} workers to 1 server" + (f" ({L.compression})" if wire != element else "")
         sync_formula = "(dp-1) (push + pull bytes) / bandwidth + 2(dp-1) latency"
     optimizer = P.optimizer_s_per_param * max(rank_params.values()) / element
-    calibration = calibration or Calibration()
+    cal = calibration or Calibration()
+    collectives = m * sum(ncoll[s] for s in per_rank[slow])
+    scale = cal.compute_scale
     terms = [
-        Term("T_0", "framework per step (loop, data, logging) + per pipeline action", calibration.seconds(L),
-             f"{calibration.step_s * 1e3:.3g} ms + {calibration.action_s * 1e3:.3g} ms x {actions(L)} actions"
-             + ("" if calibration.fitted_on else " (not calibrated)")),
-        Term("T_1", "forward + backward, pipeline bubble included", path(compute),
-             "m C_r* + (sum_s c_s - C_r*)/v" if L.pp > 1 else "b samples through all layers"),
-        Term("T_2", "optimizer step", optimizer, "seconds/parameter x parameters on the slowest rank"),
+        Term("T_0", "framework per step (loop, data, logging) + per pipeline action / tp collective",
+             cal.seconds(L, collectives),
+             f"{cal.step_s * 1e3:.3g} ms + {cal.action_s * 1e3:.3g} ms x {actions(L)} actions + "
+             f"{cal.collective_s * 1e3:.3g} ms x {collectives} collectives" + ("" if cal.fitted_on else " (not calibrated)")),
+        Term("T_1", "forward + backward, pipeline bubble included", scale * path(compute),
+             ("m C_r* + (sum_s c_s - C_r*)/v" if L.pp > 1 else "b samples through all layers")
+             + (f", x {scale:.3g} (calibrated)" if scale != 1.0 else "")),
+        Term("T_2", "optimizer step", scale * optimizer, "seconds/parameter x parameters on the slowest rank"),
         Term("S_1", "pipeline activations + gradients per micro-batch", path(p2p), "latency + bytes/bandwidth per cut"),
         Term("S_2", f"tensor-parallel collectives over tp={tp}" if tp > 1 else "tensor-parallel collectives (tp=1: none)",
              path(tpcomm), "per sharded pair, ring" if tp > 1 else ""),
@@ -332,8 +346,10 @@ def predict(
         + (sum(P.layers[i].tp[tp].bytes_per_sample for s in per_rank[r] for i in stages[s]) * local if tp > 1 else 0.0)
         for r in per_rank
     )
+    features = {"actions": float(actions(L)), "collectives": float(collectives),
+                "compute": path(compute) + optimizer, "comm": sum(t.value for t in terms if t.symbol.startswith("S"))}
     estimate = Estimate(layout=L, global_batch=global_batch, step_s=step, memory_bytes=memory,
-                        bytes_per_step=int(traffic), terms=terms, memory_terms=best, stage_s=total)
+                        bytes_per_step=int(traffic), terms=terms, memory_terms=best, stage_s=total, features=features)
     if max_memory_per_rank is not None and memory > max_memory_per_rank:
         worst = max(best, key=lambda t: t.value)
         estimate.refused = (

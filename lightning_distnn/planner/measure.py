@@ -128,22 +128,35 @@ def measure_layouts(
 
 
 def fit_calibration(estimates: Sequence[Estimate], measured_s: Sequence[float]) -> Calibration:
-    """Fit ``T_0 = step_s + action_s x actions`` to what the profile-based terms leave unexplained.
+    """Fit the framework terms to measured steps: ``measured - S = step_s + action_s a + collective_s c + compute_scale C``.
 
-    Least squares over the measured layouts of ``measured - (predicted - T_0 used)``; with no
-    pipeline among them (or a negative slope) only ``step_s`` is fitted (the median residual).
+    ``a``, ``c``, ``C`` are each layout's pipeline actions, tensor-parallel collectives and profiled
+    compute (``Estimate.features``). Non-negative least squares over the subsets of the four
+    unknowns; with fewer layouts than unknowns ``compute_scale`` stays 1 and the rest are fitted;
+    unknowns the layouts do not vary (no pipeline or no tensor parallelism among them) stay 0.
     """
     if len(estimates) != len(measured_s) or not estimates:
         raise ValueError(f"fit_calibration needs one measurement per estimate, got {len(estimates)} and {len(measured_s)}.")
-    xs = [actions(e.layout) for e in estimates]
-    ys = [m - (e.step_s - next(t.value for t in e.terms if t.symbol == "T_0")) for e, m in zip(estimates, measured_s)]
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    var = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
-    if slope <= 0:
-        return Calibration(step_s=max(statistics.median(ys), 0.0), action_s=0.0, fitted_on=n)
-    step = my - slope * mx
-    if step < 0:
-        step, slope = 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
-    return Calibration(step_s=step, action_s=slope, fitted_on=n)
+    names = ("step_s", "action_s", "collective_s", "compute_scale")
+    rows = [[1.0, e.features["actions"], e.features["collectives"], e.features["compute"]] for e in estimates]
+    ys = [m - e.features["comm"] for e, m in zip(estimates, measured_s)]
+    n = len(rows)
+    varying = [0] + [j for j in (1, 2, 3) if len({round(r[j], 12) for r in rows}) > 1 and (j != 3 or n >= 4)]
+    best: tuple[float, dict[str, float]] = (float("inf"), {})
+    for mask in range(1, 1 << len(varying)):
+        cols = [varying[k] for k in range(len(varying)) if mask >> k & 1]
+        if len(cols) > n or (3 not in cols and 0 not in cols):
+            continue
+        fixed = 0.0 if 3 in cols else 1.0  # compute_scale not fitted: it is 1
+        A = torch.tensor([[r[j] for j in cols] for r in rows], dtype=torch.float64)
+        b = torch.tensor([y - fixed * r[3] for y, r in zip(ys, rows)], dtype=torch.float64).unsqueeze(1)
+        coef = torch.linalg.lstsq(A, b, driver="gelsd").solution.squeeze(1).tolist()
+        if any(c < 0 for c in coef):
+            continue
+        resid = float(((A @ torch.tensor(coef, dtype=torch.float64).unsqueeze(1) - b) ** 2).sum())
+        if resid < best[0] - 1e-15:
+            values = dict(zip((names[j] for j in cols), coef))
+            values.setdefault("compute_scale", fixed)
+            best = (resid, values)
+    values = best[1] or {"compute_scale": 1.0}
+    return Calibration(fitted_on=n, **{k: float(v) for k, v in values.items()})
