@@ -180,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             data["calibrated_best"] = calibrated.best.layout.label
         print(json.dumps(data, indent=1, default=str))
         return 0
-    print(plan if args.top is None else _text(plan, args.top))
+    print(plan.render(args.top))
     if current is not None:
         print(f"\nyour layout {current.layout.label}: predicted {current.step_s * 1e3:.4g} ms/step "
               f"({current.step_s / plan.best.step_s:.3g}x the best)" + (f"; refused: {current.refused}" if current.refused else ""))
@@ -194,11 +194,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\nwith the calibration the best layout is {calibrated.best.layout.label} "
               f"({calibrated.best.step_s * 1e3:.4g} ms/step): {calibrated.strategy()}")
     return 0
-
-
-def _text(plan, top: int) -> str:
-    text = str(plan)
-    return text.replace(plan.table(), plan.table(top)) if top != 10 else text
 
 
 def _current_layout(kwargs: dict[str, Any], plan, args):

@@ -115,6 +115,10 @@ class Plan:
         return format_table(self.rows(top))
 
     def __str__(self) -> str:
+        return self.render()
+
+    def render(self, top: Optional[int] = 10) -> str:
+        """The ranked table (``top`` rows), the winner as the seed's sums, how to run it, the refused layouts."""
         budget = f"{self.max_memory_per_rank / 1e6:.4g} MB" if self.max_memory_per_rank else "none"
         lines = [
             f"{len(self.ranked)} layouts fit {self.world_size} processes, global batch {self.global_batch}, "
@@ -122,7 +126,7 @@ class Plan:
         ]
         if self.network is not None:
             lines.append(str(self.network))
-        lines += ["", self.table(), "", "winner as the seed's sums:", self.best.seed_form(), "",
+        lines += ["", self.table(top), "", "winner as the seed's sums:", self.best.seed_form(), "",
                   f"run it with: {self.strategy()}"]
         if self.refused:
             lines += ["", "refused (first 5):"] + [f"  {e.layout.label}: {e.refused}" for e in self.refused[:5]]
