@@ -69,3 +69,31 @@ def test_cli_profiles_and_measures_on_two_processes(capsys, tmp_path):
     assert label == data["best"]["layout"] and measured["step_s"] > 0 and len(measured["samples"]) == 2
     assert data["calibration"]["fitted_on"] == 1
     assert list(tmp_path.glob("calibration-*.json"))  # the next plan on this machine starts calibrated
+
+
+def _plan_inside(rank, world_size, cache_dir):
+    import torch
+
+    from lightning_distnn.models import CaseStudyCNN
+    from lightning_distnn.planner import plan_layout
+
+    torch.manual_seed(0)
+    net = CaseStudyCNN(conv_filters=4, fc_width=8, image_size=16)
+    x = torch.randn(1, 3, 16, 16)
+    first = plan_layout(net, x, world_size=world_size, global_batch=8, cache_dir=cache_dir, repeats=1,
+                        microbatch_sizes=(1, 2))
+    second = plan_layout(net, x, world_size=world_size, global_batch=8, cache_dir=cache_dir, repeats=1,
+                         microbatch_sizes=(1, 2))
+    return first.strategy_kwargs(), first.best.step_s, second.notes[-1], first.profile.profiled_in, first.network.measured
+
+
+@pytest.mark.slow
+def test_plan_inside_the_training_processes_is_the_same_on_every_rank(tmp_path):
+    """What a distnn_auto strategy does at setup: every rank plans at once and gets the same plan."""
+    from lightning_distnn.testing import run_distributed
+
+    results = run_distributed(_plan_inside, 2, str(tmp_path), init_process_group=True, timeout=300)
+    (kw0, step0, note0, procs, measured), (kw1, step1, note1, _, _) = results
+    assert kw0 == kw1 and step0 == step1
+    assert procs == 2 and measured  # profiled by both ranks at once, links measured on the real group
+    assert "cache" in note0 and "cache" in note1
