@@ -30,7 +30,7 @@ from torch import nn
 from lightning_distnn.planner.cost import Layout, predict
 from lightning_distnn.planner.links import Network
 from lightning_distnn.planner.plan import plan_layout
-from lightning_distnn.planner.profile import DEFAULT_CACHE
+from lightning_distnn.planner.cache import DEFAULT_CACHE
 from lightning_distnn.planner.search import NoLayoutFits, format_table
 
 MODELS = ("case_study", "seed_net")

@@ -24,16 +24,8 @@ from torch import nn
 
 from lightning_distnn.planner.cost import Calibration
 from lightning_distnn.planner.links import Network, measure_network
-from lightning_distnn.planner.profile import (
-    DEFAULT_CACHE,
-    ModelProfile,
-    cache_key,
-    default_microbatch_sizes,
-    merge_profiles,
-    profile_model,
-    read_cache,
-    write_cache,
-)
+from lightning_distnn.planner.cache import DEFAULT_CACHE, cache_key, read_cache, write_cache
+from lightning_distnn.planner.profile import ModelProfile, default_microbatch_sizes, merge_profiles, profile_model
 from lightning_distnn.planner.search import Plan, search
 
 

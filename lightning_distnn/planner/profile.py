@@ -1,7 +1,7 @@
 """Profile of a network for the planner: what each top-level layer costs in time and bytes.
 
 A :class:`ModelProfile` is plain data, measured once per (model, input shape, device, world size)
-and cached on disk as JSON (:func:`read_cache`), so a second plan of the same model is fast.
+and cached on disk as JSON (:mod:`lightning_distnn.planner.cache`), so a second plan of the same model is fast.
 Per top-level layer of an ``nn.Sequential`` (the unit the pipeline partitioner cuts between) it holds
 
 * forward and backward seconds at several micro-batch sizes (interpolated linearly in between and
@@ -20,19 +20,15 @@ contended ones the run will see.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 PROFILE_VERSION = 1
-DEFAULT_CACHE = Path(os.environ.get("DISTNN_PLANNER_CACHE", Path.home() / ".cache" / "lightning_distnn" / "planner"))
 
 
 @dataclass
@@ -397,37 +393,8 @@ def model_signature(net: nn.Module, example_input: torch.Tensor, *, device: Any,
 
 
 # --------------------------------------------------------------------------------------------
-# cache and profiling in the training processes
+# profiles of several ranks
 # --------------------------------------------------------------------------------------------
-def cache_key(net: nn.Module, example_input: torch.Tensor, *, world_size: int, **options: Any) -> str:
-    """The cache key of a profile: :func:`model_signature` plus whatever else shaped it (``options``)."""
-    device = next((p.device for p in net.parameters()), example_input.device)
-    base = model_signature(net, example_input, device=device, world_size=world_size)
-    return hashlib.sha256(f"{base}|{sorted(options.items())}".encode()).hexdigest()[:24]
-
-
-def read_cache(cache_dir: Optional[os.PathLike], key: str) -> Optional[dict[str, Any]]:
-    """The cached JSON for ``key`` or ``None`` (no cache, no file, or a broken file)."""
-    if cache_dir is None:
-        return None
-    path = Path(cache_dir) / f"{key}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_cache(cache_dir: Optional[os.PathLike], key: str, data: dict[str, Any]) -> None:
-    """Write ``data`` atomically (a half-written file is never read)."""
-    if cache_dir is None:
-        return
-    path = Path(cache_dir) / f"{key}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
-
-
 def merge_profiles(profiles: Sequence[ModelProfile]) -> ModelProfile:
     """One profile from several ranks' (timings: the median over ranks; bytes are equal)."""
     first = profiles[0]
