@@ -1,0 +1,372 @@
+"""The cost model: the seed's sums, T = sum of T_i (computing) + S = sum of S_i (synchronising), and memory M = sum of M_i.
+
+For a :class:`Layout` (dp x pp x tp, schedule, micro-batches, partition, data-parallel sync and
+compression), a global batch ``B`` and a :class:`~lightning_distnn.planner.profile.ModelProfile`,
+:func:`predict` returns an :class:`Estimate` whose step time is the sum of these terms (``b = B/dp``
+samples per replica, ``m`` micro-batches of ``mu = b/m``; ``c_s`` the time of stage ``s`` for one
+micro-batch, ``C_r`` the sum of ``c_s`` over the ``v`` stages rank ``r`` holds, ``r*`` the slowest rank):
+
+* ``T_0`` the framework's own time per step and per pipeline action (:class:`Calibration`, fitted
+  from measured steps; zero until calibrated).
+* ``T_1`` compute: forward + backward, the pipeline's bubble included:
+  ``m * C_r* + (sum_s c_s - C_r*) / v`` over the compute part of each ``c_s``. With equal stages
+  that is ``(m + (p-1)/v) c``, i.e. the slowest stage's compute times ``1 / (1 - bubble)``.
+* ``T_2`` optimizer step over the parameters the slowest rank holds.
+* ``S_1`` pipeline sends: each micro-batch's activation forward and its gradient back at every
+  cut (point-to-point), on the critical path by the same formula as ``T_1``.
+* ``S_2`` tensor-parallel collectives inside every stage (all-reduce / all-gather per sharded pair),
+  on the critical path.
+* ``S_3`` data-parallel synchronisation after the backward: a ring all-reduce of the rank's
+  gradients over ``dp`` (half the bytes with fp16/bf16), or the parameter server's push and pull.
+
+Memory per rank (the largest over ranks): ``M_1`` parameters, ``M_2`` gradients, ``M_3``
+optimizer states (``optimizer_states`` x parameters: 1 for SGD with momentum, 2 for Adam),
+``M_4`` activations autograd keeps for the micro-batches in flight (GPipe: ``m``; 1F1B: ``p - r``
+on pipeline rank ``r``), ``M_5`` communication buffers (the flat gradient copy of the all-reduce,
+the server's copy of the model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from lightning_distnn.planner.links import Network
+from lightning_distnn.planner.profile import ModelProfile
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+SYNCS = ("allreduce", "parameter_server")
+COMPRESSIONS = ("none", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run the model on ``dp * pp * tp`` processes, as plain data.
+
+    ``partition``: layer counts per pipeline stage (``pp * stages_per_rank`` of them; empty when ``pp == 1``).
+    ``schedule`` is ``"none"`` when ``pp == 1``.
+    """
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    schedule: str = "none"
+    microbatches: int = 1
+    partition: tuple[int, ...] = ()
+    sync: str = "allreduce"
+    compression: str = "none"
+    stages_per_rank: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.stages_per_rank if self.pp > 1 else 1
+
+    @property
+    def label(self) -> str:
+        axes = [f"{n}{v}" for n, v in (("dp", self.dp), ("pp", self.pp), ("tp", self.tp)) if v > 1] or ["1 process"]
+        text = " x ".join(axes)
+        if self.pp > 1:
+            text += f" {self.schedule} m={self.microbatches} [{','.join(map(str, self.partition))}]"
+        if self.sync != "allreduce":
+            text += " ps"
+        if self.compression != "none":
+            text += f" {self.compression}"
+        return text
+
+    def stage_ranks(self) -> list[int]:
+        """Pipeline rank of every stage (looped schedules place stage ``s`` on rank ``s % pp``)."""
+        return [s % self.pp for s in range(self.num_stages)]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The framework's own time per step, which no layer profile sees (``T_0``).
+
+    ``step_s``: per training step (Lightning's loop, data loading, metrics, logging, launching
+    the collectives); ``action_s``: per pipeline action (a forward or backward of one micro-batch
+    on one stage: the schedule's bookkeeping, the send/recv set-up); ``collective_s``: per
+    tensor-parallel collective (DTensor dispatch and redistribution beyond the link's latency);
+    ``compute_scale``: multiplies the profiled compute (``T_1``, ``T_2``) when the run computes
+    faster or slower than the layers did alone. Fitted from measured steps by
+    :func:`lightning_distnn.planner.measure.fit_calibration`; neutral until then.
+    """
+
+    step_s: float = 0.0
+    action_s: float = 0.0
+    collective_s: float = 0.0
+    compute_scale: float = 1.0
+    fitted_on: int = 0
+
+    def seconds(self, layout: "Layout", collectives: float = 0.0) -> float:
+        """``T_0`` of a layout whose slowest rank runs ``collectives`` tensor-parallel collectives per step."""
+        return self.step_s + self.action_s * actions(layout) + self.collective_s * collectives
+
+
+def actions(layout: "Layout") -> int:
+    """Pipeline actions (F and B per micro-batch per local stage) of one rank per step; 0 without a pipeline."""
+    return 2 * layout.microbatches * layout.stages_per_rank if layout.pp > 1 else 0
+
+
+@dataclass
+class Term:
+    """One summand of the seed's formulas: symbol (``T_1``, ``S_3``, ``M_4``), what it is, its value."""
+
+    symbol: str
+    name: str
+    value: float
+    formula: str = ""
+
+
+@dataclass
+class Estimate:
+    """Predicted step time, throughput, memory and traffic of one layout, with its terms."""
+
+    layout: Layout
+    global_batch: int
+    step_s: float
+    memory_bytes: int
+    bytes_per_step: int
+    terms: list[Term] = field(default_factory=list)
+    memory_terms: list[Term] = field(default_factory=list)
+    stage_s: list[float] = field(default_factory=list)
+    refused: str = ""
+    features: dict[str, float] = field(default_factory=dict)  # uncalibrated parts, for fit_calibration
+
+    @property
+    def images_per_s(self) -> float:
+        return self.global_batch / self.step_s if self.step_s > 0 else math.inf
+
+    def seed_form(self) -> str:
+        """The step time and memory written as the seed's sums, with every term's value."""
+        t = [x for x in self.terms if x.symbol.startswith("T")]
+        s = [x for x in self.terms if x.symbol.startswith("S")]
+
+        def line(total: str, items: list[Term], unit: str, scale: float) -> list[str]:
+            head = f"{total} = " + " + ".join(x.symbol for x in items)
+            head += " = " + " + ".join(f"{x.value * scale:.4g}" for x in items)
+            head += f" = {sum(x.value for x in items) * scale:.4g} {unit}"
+            body = [f"  {x.symbol:4} {x.value * scale:10.4g} {unit}  {x.name}" + (f"  [{x.formula}]" if x.formula else "")
+                    for x in items]
+            return [head] + body
+
+        out = [f"layout {self.layout.label}, global batch {self.global_batch}"]
+        out += line("T", t, "ms", 1e3) + line("S", s, "ms", 1e3)
+        out.append(f"step = T + S = {self.step_s * 1e3:.4g} ms -> {self.images_per_s:.4g} images/s")
+        out += line("M", self.memory_terms, "MB", 1e-6)
+        return "\n".join(out)
+
+
+def check_layout(layout: Layout, profile: ModelProfile, global_batch: int) -> None:
+    """Raise ``ValueError`` naming the fix when a layout cannot run this model and batch."""
+    L = layout
+    for name in ("dp", "pp", "tp", "microbatches", "stages_per_rank"):
+        value = getattr(L, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer.")
+    if global_batch % L.dp:
+        raise ValueError(f"global batch {global_batch} does not split over dp={L.dp}: use a multiple of {L.dp}.")
+    local = global_batch // L.dp
+    if local % L.microbatches:
+        raise ValueError(f"{local} samples per replica do not split into microbatches={L.microbatches}.")
+    if L.sync not in SYNCS or L.compression not in COMPRESSIONS:
+        raise ValueError(f"sync={L.sync!r}, compression={L.compression!r}; valid: {SYNCS}, {COMPRESSIONS}.")
+    if L.sync == "parameter_server" and (L.pp > 1 or L.tp > 1):
+        raise ValueError("sync='parameter_server' needs whole-model replicas: pp=1 and tp=1.")
+    if L.tp > 1 and any(L.tp not in layer.tp for layer in profile.layers):
+        raise ValueError(f"the profile has no tensor-parallel costs for tp={L.tp}: profile with tp_degrees including {L.tp}.")
+    if L.pp == 1:
+        if L.schedule != "none" or L.partition:
+            raise ValueError("pp=1 has no pipeline: schedule='none' and no partition.")
+        return
+    if L.schedule not in SCHEDULES:
+        raise ValueError(f"schedule={L.schedule!r}; valid: {', '.join(SCHEDULES)}.")
+    if (L.schedule == "interleaved_1f1b") != (L.stages_per_rank > 1):
+        raise ValueError("interleaved_1f1b holds several stages per rank (stages_per_rank >= 2); gpipe/1f1b hold one.")
+    if L.schedule == "1f1b" and L.microbatches < L.pp:
+        raise ValueError(f"1f1b needs at least pp={L.pp} micro-batches, got {L.microbatches}.")
+    if L.schedule == "interleaved_1f1b" and L.microbatches % max(1, L.microbatches // L.pp):
+        raise ValueError(f"interleaved_1f1b runs rounds of {L.pp} micro-batches: m={L.microbatches} does not fit.")
+    if len(L.partition) != L.num_stages or sum(L.partition) != profile.num_layers or min(L.partition) < 1:
+        raise ValueError(
+            f"partition={list(L.partition)} must give {L.num_stages} positive layer counts adding up to "
+            f"{profile.num_layers}."
+        )
+
+
+def _stages(layout: Layout, num_layers: int) -> list[list[int]]:
+    if layout.pp == 1:
+        return [list(range(num_layers))]
+    out, start = [], 0
+    for count in layout.partition:
+        out.append(list(range(start, start + count)))
+        start += count
+    return out
+
+
+def _dp_ranks(layout: Layout) -> list[int]:
+    return [d * layout.pp * layout.tp for d in range(layout.dp)]
+
+
+def predict(
+    layout: Layout,
+    profile: ModelProfile,
+    network: Network,
+    *,
+    global_batch: int,
+    optimizer_states: int = 1,
+    max_memory_per_rank: Optional[float] = None,
+    calibration: Optional[Calibration] = None,
+) -> Estimate:
+    """Predict one layout (see the module docstring); ``refused`` says why when it is over the memory budget."""
+    check_layout(layout, profile, global_batch)
+    L, P = layout, profile
+    tp, v, m = L.tp, (L.stages_per_rank if L.pp > 1 else 1), L.microbatches
+    mu = global_batch / L.dp / m
+    tp_link = network.link_for(range(tp))
+    pp_link = network.link_for([s * tp for s in range(L.pp)])
+    dp_link = network.link_for(_dp_ranks(L))
+    stages = _stages(L, P.num_layers)
+    ranks = L.stage_ranks() if L.pp > 1 else [0]
+
+    def shard(layer) -> float:
+        if tp == 1:
+            return 1.0
+        f = layer.tp[tp].sharded
+        return 1 - f + f / tp
+
+    compute, p2p, tpcomm, params, saved, inbuf, ncoll = [], [], [], [], [], [], []
+    for s, layers in enumerate(stages):
+        comp = sum((P.layers[i].time("forward", mu) + P.layers[i].time("backward", mu)) * shard(P.layers[i]) for i in layers)
+        send = 0.0
+        if s < len(stages) - 1:
+            send += pp_link.p2p(P.layers[layers[-1]].out_bytes * mu)  # activation forward
+        if s > 0:
+            send += pp_link.p2p(P.layers[layers[0] - 1].out_bytes * mu)  # its gradient back
+        coll, count = 0.0, 0
+        if tp > 1:
+            for i in layers:
+                c = P.layers[i].tp[tp]
+                coll += c.collectives * 2 * (tp - 1) * tp_link.latency + c.bytes_per_sample * mu / tp_link.bandwidth
+                count += c.collectives
+            last = P.layers[layers[-1]]
+            if last.tp[tp].out_sharded:  # a stage's output is gathered before it is sent
+                coll += tp_link.allgather(last.out_bytes * mu, tp)
+                count += 1
+        ncoll.append(count)
+        compute.append(comp)
+        p2p.append(send)
+        tpcomm.append(coll)
+        params.append(sum(P.layers[i].param_bytes * shard(P.layers[i]) for i in layers))
+        saved.append(sum(P.layers[i].saved_bytes * shard(P.layers[i]) for i in layers) * mu)
+        inbuf.append((P.layers[layers[0] - 1].out_bytes if layers[0] > 0 else P.input_bytes) * mu)
+
+    # critical path: m * C_r* + (sum_s c_s - C_r*) / v, split over the parts of c_s
+    total = [a + b + c for a, b, c in zip(compute, p2p, tpcomm)]
+    per_rank = {r: [s for s, rr in enumerate(ranks) if rr == r] for r in set(ranks)}
+    slow = max(per_rank, key=lambda r: sum(total[s] for s in per_rank[r]))
+
+    def path(part: Sequence[float]) -> float:
+        mine = sum(part[s] for s in per_rank[slow])
+        return m * mine + (sum(part) - mine) / v
+
+    rank_params = {r: sum(params[s] for s in per_rank[r]) for r in per_rank}
+    element = P.element_size
+    wire = 2 if L.compression in ("fp16", "bf16") else element
+    grad_wire = {r: rank_params[r] / element * wire for r in per_rank}
+    if L.dp == 1:
+        sync_s, sync_name, sync_formula, sync_bytes = 0.0, "data-parallel sync (dp=1: none)", "", 0.0
+    elif L.sync == "allreduce":
+        sync_s = max(dp_link.allreduce(grad_wire[r], L.dp) for r in per_rank)
+        sync_bytes = max(2 * (L.dp - 1) / L.dp * grad_wire[r] for r in per_rank)
+        sync_name = f"data-parallel gradient all-reduce over dp={L.dp}" + (f" ({L.compression})" if wire != element else "")
+        sync_formula = "2(dp-1) latency + 2(dp-1)/dp grad bytes / bandwidth"
+    else:
+        # one server colocated on rank 0: it receives (dp-1) gradient pushes and sends (dp-1) parameter pulls
+        push, pull = grad_wire[0], rank_params[0]
+        sync_s = 2 * (L.dp - 1) * dp_link.latency + (L.dp - 1) * (push + pull) / dp_link.bandwidth
+        sync_bytes = (L.dp - 1) * pull
+        sync_name = f"parameter server push + pull, {L.dp - 1} workers to 1 server" + (f" ({L.compression})" if wire != element else "")
+        sync_formula = "(dp-1) (push + pull bytes) / bandwidth + 2(dp-1) latency"
+    optimizer = P.optimizer_s_per_param * max(rank_params.values()) / element
+    cal = calibration or Calibration()
+    collectives = m * sum(ncoll[s] for s in per_rank[slow])
+    scale = cal.compute_scale
+    terms = [
+        Term("T_0", "framework per step (loop, data, logging) + per pipeline action / tp collective",
+             cal.seconds(L, collectives),
+             f"{cal.step_s * 1e3:.3g} ms + {cal.action_s * 1e3:.3g} ms x {actions(L)} actions + "
+             f"{cal.collective_s * 1e3:.3g} ms x {collectives} collectives" + ("" if cal.fitted_on else " (not calibrated)")),
+        Term("T_1", "forward + backward, pipeline bubble included", scale * path(compute),
+             ("m C_r* + (sum_s c_s - C_r*)/v" if L.pp > 1 else "b samples through all layers")
+             + (f", x {scale:.3g} (calibrated)" if scale != 1.0 else "")),
+        Term("T_2", "optimizer step", scale * optimizer, "seconds/parameter x parameters on the slowest rank"),
+        Term("S_1", "pipeline activations + gradients per micro-batch", path(p2p), "latency + bytes/bandwidth per cut"),
+        Term("S_2", f"tensor-parallel collectives over tp={tp}" if tp > 1 else "tensor-parallel collectives (tp=1: none)",
+             path(tpcomm), "per sharded pair, ring" if tp > 1 else ""),
+        Term("S_3", sync_name, sync_s, sync_formula),
+    ]
+    step = sum(t.value for t in terms)
+
+    # memory per rank: the largest over pipeline ranks (dp and tp peers hold the same amounts)
+    def inflight(r: int) -> float:
+        if L.pp == 1:
+            return 1
+        if L.schedule == "gpipe":
+            return m
+        if L.schedule == "1f1b":
+            return min(m, L.pp - r)
+        return min(m, (v - 1) * L.pp + (L.pp - r)) / v  # interleaved: chunks in flight, each 1/v of the rank's layers
+
+    best: Optional[list[Term]] = None
+    for r in per_rank:
+        weights = rank_params[r]
+        acts = sum(saved[s] + inbuf[s] for s in per_rank[r]) * inflight(r)
+        buffers = grad_wire[r] if L.dp > 1 and L.sync == "allreduce" else 0.0
+        if L.dp > 1 and L.sync == "parameter_server" and r == 0:
+            buffers = (2 + optimizer_states) * weights  # the server's parameters, optimizer states, received gradients
+        memory_terms = [
+            Term("M_1", "parameters", weights),
+            Term("M_2", "gradients", weights),
+            Term("M_3", f"optimizer states ({optimizer_states} per parameter)", optimizer_states * weights),
+            Term("M_4", "activations kept for backward, micro-batches in flight", acts),
+            Term("M_5", "communication buffers", buffers),
+        ]
+        if best is None or sum(t.value for t in memory_terms) > sum(t.value for t in best):
+            best = memory_terms
+    memory = int(sum(t.value for t in best))
+    local = global_batch / L.dp
+    p2p_sent = p2p_bytes(L, P, stages, mu)
+    traffic = sync_bytes + max(
+        m * sum(p2p_sent[s] for s in per_rank[r])
+        + (sum(P.layers[i].tp[tp].bytes_per_sample for s in per_rank[r] for i in stages[s]) * local if tp > 1 else 0.0)
+        for r in per_rank
+    )
+    features = {"actions": float(actions(L)), "collectives": float(collectives),
+                "compute": path(compute) + optimizer, "comm": sum(t.value for t in terms if t.symbol.startswith("S"))}
+    estimate = Estimate(layout=L, global_batch=global_batch, step_s=step, memory_bytes=memory,
+                        bytes_per_step=int(traffic), terms=terms, memory_terms=best, stage_s=total, features=features)
+    if max_memory_per_rank is not None and memory > max_memory_per_rank:
+        worst = max(best, key=lambda t: t.value)
+        estimate.refused = (
+            f"needs {memory / 1e6:.4g} MB per rank > budget {max_memory_per_rank / 1e6:.4g} MB "
+            f"(largest term {worst.symbol} {worst.name}: {worst.value / 1e6:.4g} MB)"
+        )
+    return estimate
+
+
+def p2p_bytes(layout: Layout, profile: ModelProfile, stages: list[list[int]], mu: float) -> list[float]:
+    """Bytes each stage sends per micro-batch: its output forward, the gradient of its input back."""
+    out = []
+    for s, layers in enumerate(stages):
+        sent = 0.0
+        if s < len(stages) - 1:
+            sent += profile.layers[layers[-1]].out_bytes * mu
+        if s > 0:
+            sent += profile.layers[layers[0] - 1].out_bytes * mu
+        out.append(sent)
+    return out

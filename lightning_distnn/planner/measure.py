@@ -1,0 +1,162 @@
+"""Measure layouts for real: train each for a few steps with ``lightning.Trainer`` and its registered strategy.
+
+:func:`measure_layouts` spawns ``world_size`` gloo processes (:func:`lightning_distnn.testing.run_distributed`);
+in them each layout is trained, one after the other, with the strategy the planner would use
+(:func:`~lightning_distnn.planner.search.strategy_for`), on random data of the planned global batch.
+The step time is the median interval between consecutive ``on_train_batch_end`` calls after
+``warmup`` steps (rank 0's clock), so the optimizer step and every collective are inside it.
+``rounds > 1`` interleaves the layouts (A B C A B C ...) so drift of a shared machine hits all alike.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightning_distnn.planner.cost import Calibration, Estimate, Layout, actions
+from lightning_distnn.planner.search import strategy_for
+
+
+class StepTimer(pl.Callback):
+    """Wall-clock time of every training step (end to end of consecutive batches)."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ends.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        return [b - a for a, b in zip(self.ends, self.ends[1:])]
+
+
+def _status_kb(field: str) -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak resident set (Linux ``clear_refs``); returns the current RSS in bytes (0 elsewhere)."""
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return 0
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    """Peak resident set since :func:`reset_peak_rss`, in bytes (0 where /proc is missing)."""
+    return _status_kb("VmHWM") * 1024
+
+
+def _measure_rank(rank: int, world_size: int, factory: Callable[..., nn.Sequential], factory_kwargs: dict,
+                  sample_shape: Sequence[int], num_classes: int, global_batch: int, layouts: Sequence[Layout],
+                  steps: int, warmup: int, rounds: int, timeout: float) -> dict[str, dict[str, list[float]]]:
+    from lightning_distnn.models import ImageClassifier
+    from lightning_distnn.testing.equivalence import FixedDataModule, quiet_trainer
+
+    out: dict[str, dict[str, list[float]]] = {layout.label: {"steps": [], "peak": []} for layout in layouts}
+    generator = torch.Generator().manual_seed(0)
+    n = global_batch * (steps + warmup)
+    x = torch.randn(n, *sample_shape, generator=generator)
+    y = torch.randint(0, num_classes, (n,), generator=generator)
+    for _ in range(rounds):
+        for layout in layouts:
+            torch.manual_seed(0)
+            module = ImageClassifier(factory(**factory_kwargs), num_classes=num_classes)
+            strategy = strategy_for(layout).build(timeout=timeout)
+            timer = StepTimer()
+            trainer = quiet_trainer(strategy, devices=world_size, max_steps=steps + warmup, callbacks=[timer])
+            base = reset_peak_rss()
+            trainer.fit(module, datamodule=FixedDataModule(x, y, global_batch // layout.dp))
+            out[layout.label]["peak"].append(float(peak_rss() - base) if base else float("nan"))
+            out[layout.label]["steps"].extend(timer.intervals()[max(0, warmup - 1):])
+    return out
+
+
+def measure_layouts(
+    layouts: Sequence[Layout],
+    factory: Callable[..., nn.Sequential],
+    factory_kwargs: dict,
+    sample_shape: Sequence[int],
+    *,
+    global_batch: int,
+    num_classes: int = 10,
+    steps: int = 3,
+    warmup: int = 1,
+    rounds: int = 1,
+    timeout: float = 1800.0,
+    collective_timeout: float = 300.0,
+) -> dict[str, dict[str, Any]]:
+    """Train every layout for ``warmup + steps`` steps.
+
+    Returns label -> ``{"step_s": median step seconds, "samples": [...], "peak_rss_bytes": ...}``, the
+    last the largest growth of any rank's resident memory during its ``fit`` (Linux; NaN elsewhere):
+    a rough stand-in for the peak the memory model predicts (it also counts Lightning's own buffers).
+    """
+    if not layouts:
+        return {}
+    worlds = {layout.world_size for layout in layouts}
+    if len(worlds) != 1:
+        raise ValueError(f"measure_layouts runs one world size at a time, got layouts of sizes {sorted(worlds)}.")
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"steps={steps} and warmup={warmup} must be at least 1 (the first step includes set-up).")
+    from lightning_distnn.testing import run_distributed
+
+    results = run_distributed(_measure_rank, worlds.pop(), factory, factory_kwargs, tuple(sample_shape), num_classes,
+                              global_batch, list(layouts), steps, warmup, rounds, collective_timeout, timeout=timeout)
+    out = {}
+    for label, data in results[0].items():
+        samples = data["steps"]
+        peaks = [max(r[label]["peak"]) for r in results if r[label]["peak"]]
+        out[label] = {"step_s": statistics.median(samples) if samples else float("nan"), "samples": samples,
+                      "peak_rss_bytes": max(peaks) if peaks else float("nan")}
+    return out
+
+
+def fit_calibration(estimates: Sequence[Estimate], measured_s: Sequence[float]) -> Calibration:
+    """Fit the framework terms to measured steps: ``measured - S = step_s + action_s a + collective_s c + compute_scale C``.
+
+    ``a``, ``c``, ``C`` are each layout's pipeline actions, tensor-parallel collectives and profiled
+    compute (``Estimate.features``). Non-negative least squares over the subsets of the four
+    unknowns; with fewer layouts than unknowns ``compute_scale`` stays 1 and the rest are fitted;
+    unknowns the layouts do not vary (no pipeline or no tensor parallelism among them) stay 0.
+    """
+    if len(estimates) != len(measured_s) or not estimates:
+        raise ValueError(f"fit_calibration needs one measurement per estimate, got {len(estimates)} and {len(measured_s)}.")
+    names = ("step_s", "action_s", "collective_s", "compute_scale")
+    rows = [[1.0, e.features["actions"], e.features["collectives"], e.features["compute"]] for e in estimates]
+    ys = [m - e.features["comm"] for e, m in zip(estimates, measured_s)]
+    n = len(rows)
+    varying = [0] + [j for j in (1, 2, 3) if len({round(r[j], 12) for r in rows}) > 1 and (j != 3 or n >= 4)]
+    best: tuple[float, dict[str, float]] = (float("inf"), {})
+    for mask in range(1, 1 << len(varying)):
+        cols = [varying[k] for k in range(len(varying)) if mask >> k & 1]
+        if len(cols) > n or (3 not in cols and 0 not in cols):
+            continue
+        fixed = 0.0 if 3 in cols else 1.0  # compute_scale not fitted: it is 1
+        A = torch.tensor([[r[j] for j in cols] for r in rows], dtype=torch.float64)
+        b = torch.tensor([y - fixed * r[3] for y, r in zip(ys, rows)], dtype=torch.float64).unsqueeze(1)
+        coef = torch.linalg.lstsq(A, b, driver="gelsd").solution.squeeze(1).tolist()
+        if any(c < 0 for c in coef):
+            continue
+        resid = float(((A @ torch.tensor(coef, dtype=torch.float64).unsqueeze(1) - b) ** 2).sum())
+        if resid < best[0] - 1e-15:
+            values = dict(zip((names[j] for j in cols), coef))
+            values.setdefault("compute_scale", fixed)
+            best = (resid, values)
+    values = best[1] or {"compute_scale": 1.0}
+    return Calibration(fitted_on=n, **{k: float(v) for k, v in values.items()})

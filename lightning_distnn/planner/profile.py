@@ -1,0 +1,409 @@
+"""Profile of a network for the planner: what each top-level layer costs in time and bytes.
+
+A :class:`ModelProfile` is plain data, measured once per (model, input shape, device, world size)
+and cached on disk as JSON (:mod:`lightning_distnn.planner.cache`), so a second plan of the same model is fast.
+Per top-level layer of an ``nn.Sequential`` (the unit the pipeline partitioner cuts between) it holds
+
+* forward and backward seconds at several micro-batch sizes (interpolated linearly in between and
+  extrapolated linearly beyond the largest one: :meth:`LayerProfile.time`);
+* parameter bytes (gradients take the same, optimizer states a multiple);
+* the bytes of the layer's output per sample: what crosses a pipeline cut after this layer;
+* the bytes autograd saves for the backward per sample (measured with ``saved_tensors_hooks``);
+* the leaves the tensor-parallel planner sees, with their input/output sizes per sample, so the
+  tensor-parallel communication of any ``tp`` can be counted without the module.
+
+Profile inside the processes that will train (:func:`profile_in_processes`) when several
+processes share the cores: every rank then profiles at the same time and the timings are the
+contended ones the run will see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+PROFILE_VERSION = 1
+
+
+@dataclass
+class Leaf:
+    """One module as the tensor-parallel planner walks it: name relative to the network, kind, sizes per sample."""
+
+    name: str
+    kind: str
+    in_numel: int
+    out_numel: int
+
+
+@dataclass
+class TPCost:
+    """What tensor parallelism of degree ``tp`` does to one layer (from the tensor-parallel plan of the whole network).
+
+    ``sharded``: fraction of the layer's parameters split over the ``tp`` ranks (its compute is
+    assumed to split the same way); ``bytes_per_sample``: bytes each rank sends in the layer's
+    collectives per sample, forward + backward (ring-counted, as ``parallel.tensor.comm_bytes``);
+    ``collectives``: how many collectives per micro-batch; ``out_sharded``: the layer's output
+    stays sharded (a pipeline cut after it must gather it).
+    """
+
+    sharded: float
+    bytes_per_sample: float
+    collectives: int
+    out_sharded: bool
+
+
+@dataclass
+class LayerProfile:
+    """Measured costs of one top-level layer (block) of the network.
+
+    ``forward_s[b]`` / ``backward_s[b]``: median seconds at micro-batch size ``b`` (JSON keys are strings).
+    """
+
+    index: int
+    name: str
+    forward_s: dict[int, float]
+    backward_s: dict[int, float]
+    param_bytes: int
+    out_bytes: int
+    saved_bytes: int
+    leaves: list[Leaf] = field(default_factory=list)
+    tp: dict[int, "TPCost"] = field(default_factory=dict)
+
+    def time(self, kind: str, batch: float) -> float:
+        """Seconds of ``kind`` ("forward" or "backward") at micro-batch ``batch``, piecewise linear in it."""
+        table = self.forward_s if kind == "forward" else self.backward_s
+        sizes = sorted(table)
+        if batch <= sizes[0] or len(sizes) == 1:
+            return table[sizes[0]] * batch / sizes[0] if len(sizes) == 1 else table[sizes[0]]
+        for lo, hi in zip(sizes, sizes[1:]):
+            if batch <= hi:
+                w = (batch - lo) / (hi - lo)
+                return table[lo] * (1 - w) + table[hi] * w
+        lo, hi = sizes[-2], sizes[-1]
+        slope = max((table[hi] - table[lo]) / (hi - lo), table[hi] / hi * 0.5)
+        return table[hi] + slope * (batch - hi)
+
+
+@dataclass
+class ModelProfile:
+    """Everything the cost model needs to know about a network, as plain data (JSON round trip)."""
+
+    layers: list[LayerProfile]
+    input_bytes: int  # per sample
+    element_size: int = 4
+    optimizer_s_per_param: float = 0.0  # seconds of one optimizer step per parameter element
+    device: str = "cpu"
+    world_size: int = 1
+    signature: str = ""
+    profiled_in: int = 1  # processes that profiled at the same time
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(layer.param_bytes for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PROFILE_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelProfile":
+        data = dict(data)
+        data.pop("version", None)
+        layers = []
+        for raw in data.pop("layers"):
+            raw = dict(raw)
+            raw["forward_s"] = {int(k): float(v) for k, v in raw["forward_s"].items()}
+            raw["backward_s"] = {int(k): float(v) for k, v in raw["backward_s"].items()}
+            raw["leaves"] = [Leaf(**leaf) for leaf in raw.get("leaves", [])]
+            raw["tp"] = {int(k): TPCost(**v) for k, v in raw.get("tp", {}).items()}
+            layers.append(LayerProfile(**raw))
+        return cls(layers=layers, **data)
+
+    def __str__(self) -> str:
+        sizes = sorted(self.layers[0].forward_s) if self.layers else []
+        b = sizes[-1] if sizes else 1
+        lines = [
+            f"profile of {self.num_layers} layers on {self.device} ({self.profiled_in} process(es) at once), "
+            f"times at micro-batch {b}",
+            "| layer | name | fwd ms | bwd ms | params MB | out KB/sample | saved KB/sample |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for layer in self.layers:
+            lines.append(
+                f"| {layer.index} | {layer.name} | {layer.time('forward', b) * 1e3:.3g} | "
+                f"{layer.time('backward', b) * 1e3:.3g} | {layer.param_bytes / 1e6:.3g} | "
+                f"{layer.out_bytes / 1e3:.3g} | {layer.saved_bytes / 1e3:.3g} |"
+            )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+# --------------------------------------------------------------------------------------------
+def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """Modules in execution order, nested ``nn.Sequential`` walked (as the tensor-parallel planner does)."""
+    if isinstance(module, nn.Sequential):
+        out: list[tuple[str, nn.Module]] = []
+        for name, child in module.named_children():
+            out.extend(_leaves(child, f"{prefix}.{name}" if prefix else name))
+        return out
+    return [(prefix, module)]
+
+
+def _describe(block: nn.Module) -> str:
+    parts = []
+    for _, leaf in _leaves(block):
+        if isinstance(leaf, nn.Conv2d):
+            parts.append(f"Conv{leaf.in_channels}-{leaf.out_channels}")
+        elif isinstance(leaf, nn.Linear):
+            parts.append(f"Linear{leaf.in_features}-{leaf.out_features}")
+        else:
+            parts.append(type(leaf).__name__)
+    return "+".join(parts)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _leaf_sizes(net: nn.Sequential, sample: torch.Tensor) -> list[Leaf]:
+    """Input/output elements per sample of every leaf, from one forward of one sample."""
+    sizes: list[Leaf] = []
+    hooks = []
+    for name, leaf in _leaves(net):
+        def hook(module, inputs, output, name=name):
+            sizes.append(Leaf(name, type(module).__name__, int(inputs[0].numel()), int(output.numel())))
+
+        hooks.append(leaf.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            net(sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def _saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of ``layer`` on input ``x`` (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        key = (ptr, t.untyped_storage().nbytes())
+        if ptr not in params and key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return total
+
+
+def default_microbatch_sizes(max_batch: int, *, cap: int = 16) -> list[int]:
+    """Powers of two up to ``min(max_batch, cap)`` (and that bound itself): the sizes profiled."""
+    top = max(1, min(max_batch, cap))
+    sizes = [1]
+    while sizes[-1] * 2 <= top:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != top:
+        sizes.append(top)
+    return sizes
+
+
+def profile_model(
+    net: nn.Sequential,
+    example_input: torch.Tensor,
+    *,
+    microbatch_sizes: Sequence[int] = (1, 2, 4, 8),
+    repeats: int = 3,
+    warmup: int = 1,
+    world_size: int = 1,
+    profiled_in: int = 1,
+    tp_degrees: Optional[Sequence[int]] = None,
+) -> ModelProfile:
+    """Measure a :class:`ModelProfile` of ``net`` on the device its parameters live on.
+
+    ``example_input`` is one sample or a batch (its first dim is ignored: the sample shape counts).
+    Each layer is timed on the activation shape it really sees, forward and backward separately;
+    the first layer's backward does not compute an input gradient (training does not either).
+    ``tp_degrees``: tensor-parallel degrees to count (default: the divisors of ``world_size`` above 1).
+    """
+    if tp_degrees is None:
+        tp_degrees = [d for d in range(2, world_size + 1) if world_size % d == 0]
+    if not isinstance(net, nn.Sequential) or len(net) == 0:
+        raise TypeError(
+            f"the planner profiles a non-empty nn.Sequential (the layers a pipeline cuts between), got "
+            f"{type(net).__name__}: pass ImageClassifier.net or wrap your blocks in nn.Sequential."
+        )
+    sizes = sorted({int(b) for b in microbatch_sizes})
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"microbatch_sizes={list(microbatch_sizes)} must be positive integers, e.g. (1, 2, 4, 8).")
+    device = next((p.device for p in net.parameters()), example_input.device)
+    sample = example_input[:1].to(device) if example_input.dim() > 1 else example_input.unsqueeze(0).to(device)
+    was_training = net.training
+    net.train()
+    try:
+        leaves = _leaf_sizes(net, sample)
+        by_layer: dict[str, list[Leaf]] = {}
+        for leaf in leaves:
+            by_layer.setdefault(leaf.name.split(".")[0], []).append(leaf)
+        inputs = {b: sample.expand(b, *sample.shape[1:]).contiguous() for b in sizes}
+        layers: list[LayerProfile] = []
+        for index, (name, block) in enumerate(net.named_children()):
+            fwd: dict[int, float] = {}
+            bwd: dict[int, float] = {}
+            outputs = {}
+            for b, x in inputs.items():
+                f_samples, b_samples = [], []
+                for r in range(warmup + repeats):
+                    inp = x.detach().requires_grad_(index > 0 and x.is_floating_point())
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    out = block(inp)
+                    _sync(device)
+                    t1 = time.perf_counter()
+                    if out.requires_grad:
+                        out.backward(torch.ones_like(out))
+                    _sync(device)
+                    t2 = time.perf_counter()
+                    if r >= warmup:
+                        f_samples.append(t1 - t0)
+                        b_samples.append(t2 - t1)
+                fwd[b], bwd[b] = statistics.median(f_samples), statistics.median(b_samples)
+                outputs[b] = out.detach()
+            top = sizes[-1]
+            saved = _saved_bytes(block, inputs[top].detach().requires_grad_(index > 0)) // top
+            layers.append(
+                LayerProfile(
+                    index=index,
+                    name=_describe(block),
+                    forward_s=fwd,
+                    backward_s=bwd,
+                    param_bytes=sum(p.numel() * p.element_size() for p in block.parameters()),
+                    out_bytes=outputs[top][0].numel() * outputs[top].element_size(),
+                    saved_bytes=int(saved),
+                    leaves=by_layer.get(name, []),
+                )
+            )
+            inputs = outputs
+        optimizer_s = _optimizer_step_seconds(net, repeats=repeats)
+        for degree in tp_degrees:
+            for layer, cost in zip(layers, tp_costs(net, degree, leaves)):
+                layer.tp[degree] = cost
+    finally:
+        net.zero_grad(set_to_none=True)
+        net.train(was_training)
+    n_params = sum(p.numel() for p in net.parameters()) or 1
+    return ModelProfile(
+        layers=layers,
+        input_bytes=sample.numel() * sample.element_size(),
+        element_size=sample.element_size() if sample.is_floating_point() else 4,
+        optimizer_s_per_param=optimizer_s / n_params,
+        device=_device_name(device),
+        world_size=world_size,
+        signature=model_signature(net, example_input, device=device, world_size=world_size),
+        profiled_in=profiled_in,
+    )
+
+
+def tp_costs(net: nn.Sequential, tp: int, leaves: Sequence[Leaf]) -> list[TPCost]:
+    """Per top-level layer, what the automatic tensor-parallel plan of degree ``tp`` costs (see :class:`TPCost`)."""
+    from lightning_distnn.parallel.tensor import REPLICATE, comm_bytes, plan_tp
+
+    plan = plan_tp(net, tp)
+    sizes = {leaf.name: (leaf.in_numel, leaf.out_numel) for leaf in leaves}
+    modules = dict(_leaves(net))
+    out: list[TPCost] = []
+    first = True
+    for index, (name, block) in enumerate(net.named_children()):
+        total = sum(p.numel() for p in block.parameters()) or 1
+        sharded = sent = 0.0
+        collectives = 0
+        out_sharded = False
+        for entry in plan.entries:
+            if entry.name.split(".")[0] != name:
+                continue
+            if entry.style in ("colwise", "rowwise"):
+                weight = getattr(modules[entry.name], "weight", None)
+                sharded += weight.numel() if weight is not None else 0
+                bias = getattr(modules[entry.name], "bias", None)
+                if entry.style == "colwise" and bias is not None:
+                    sharded += bias.numel()
+            if entry.name in sizes:
+                one = comm_bytes(plan, {entry.name: sizes[entry.name]}, input_requires_grad=not first)["sent"]
+                sent += one
+                if entry.style == "colwise":
+                    collectives += (entry.input != REPLICATE) * (1 + (not first)) + (entry.input == REPLICATE) * (not first)
+                    collectives += entry.output == REPLICATE
+                elif entry.style == "rowwise":
+                    collectives += 1 + (entry.input == REPLICATE and not first)
+            if entry.style in ("colwise", "rowwise", "replicate"):
+                first = False
+            out_sharded = entry.output != REPLICATE
+        out.append(TPCost(sharded=sharded / total, bytes_per_sample=sent, collectives=collectives,
+                          out_sharded=out_sharded))
+    return out
+
+
+def _optimizer_step_seconds(net: nn.Module, *, repeats: int) -> float:
+    """Median seconds of one SGD-with-momentum step over all of ``net``'s parameters (on copies)."""
+    params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
+    if not params:
+        return 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.SGD(params, lr=0.0, momentum=0.9)
+    samples = []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        opt.step()
+        if r:
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{torch.get_num_threads()}threads"
+
+
+def model_signature(net: nn.Module, example_input: torch.Tensor, *, device: Any, world_size: int) -> str:
+    """Cache key: the network's structure and parameter shapes, the sample shape, the device and the world size."""
+    shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in net.named_parameters()]
+    sample = tuple(example_input.shape[1:]) if example_input.dim() > 1 else tuple(example_input.shape)
+    text = repr((type(net).__name__, repr(net), shapes, sample, _device_name(torch.device(device)), world_size,
+                 torch.__version__, PROFILE_VERSION))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------------------------
+# profiles of several ranks
+# --------------------------------------------------------------------------------------------
+def merge_profiles(profiles: Sequence[ModelProfile]) -> ModelProfile:
+    """One profile from several ranks' (timings: the median over ranks; bytes are equal)."""
+    first = profiles[0]
+    layers = []
+    for i, layer in enumerate(first.layers):
+        fwd = {b: statistics.median(p.layers[i].forward_s[b] for p in profiles) for b in layer.forward_s}
+        bwd = {b: statistics.median(p.layers[i].backward_s[b] for p in profiles) for b in layer.backward_s}
+        layers.append(LayerProfile(**{**asdict(layer), "forward_s": fwd, "backward_s": bwd, "leaves": layer.leaves,
+                                      "tp": layer.tp}))
+    opt = statistics.median(p.optimizer_s_per_param for p in profiles)
+    return ModelProfile(**{**asdict(first), "layers": layers, "optimizer_s_per_param": opt,
+                           "profiled_in": len(profiles)})

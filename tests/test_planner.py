@@ -1,0 +1,255 @@
+"""Planner: cost model and search on hand-made profiles whose best layout is known by hand; profile; cache."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lightning_distnn.models import CaseStudyCNN
+from lightning_distnn.planner import (
+    Calibration,
+    LayerProfile,
+    Layout,
+    Link,
+    ModelProfile,
+    Network,
+    NoLayoutFits,
+    fit_link,
+    plan_layout,
+    predict,
+    profile_model,
+    search,
+    strategy_for,
+)
+from lightning_distnn.planner.measure import fit_calibration
+
+MS = 1e-3
+
+
+def hand_profile(n=4, fwd=1 * MS, bwd=2 * MS, param_bytes=4000, out_bytes=400, saved_bytes=800):
+    """n equal layers whose forward/backward take ``fwd``/``bwd`` seconds per sample (linear in the batch)."""
+    layers = [
+        LayerProfile(index=i, name=f"L{i}", forward_s={1: fwd, 8: 8 * fwd}, backward_s={1: bwd, 8: 8 * bwd},
+                     param_bytes=param_bytes, out_bytes=out_bytes, saved_bytes=saved_bytes)
+        for i in range(n)
+    ]
+    return ModelProfile(layers=layers, input_bytes=out_bytes)
+
+
+FAST = Network(Link(latency=1e-6, bandwidth=1e12))
+SLOW = Network(Link(latency=1e-4, bandwidth=1e8))
+
+
+# ---- the cost model, by hand -----------------------------------------------------------------
+def test_data_parallel_step_is_compute_plus_allreduce():
+    prof = hand_profile(param_bytes=10**6)
+    est = predict(Layout(dp=2), prof, SLOW, global_batch=32)
+    terms = {t.symbol: t.value for t in est.terms}
+    assert terms["T_1"] == pytest.approx(16 * 4 * 3 * MS)  # 16 samples x 4 layers x 3 ms
+    P = 4 * 10**6
+    assert terms["S_3"] == pytest.approx(2 * 1e-4 + P / 1e8)  # ring over 2: 2 latencies + (2*1/2) P / bandwidth
+    assert terms["S_1"] == terms["S_2"] == terms["T_0"] == 0
+    assert est.step_s == pytest.approx(sum(terms.values()))
+    assert est.images_per_s == pytest.approx(32 / est.step_s)
+    half = predict(Layout(dp=2, compression="fp16"), prof, SLOW, global_batch=32)
+    assert {t.symbol: t.value for t in half.terms}["S_3"] == pytest.approx(2 * 1e-4 + P / 2 / 1e8)
+
+
+def test_pipeline_step_is_bubble_formula():
+    prof = hand_profile()
+    m, p = 4, 2
+    est = predict(Layout(pp=2, schedule="gpipe", microbatches=m, partition=(2, 2)), prof, SLOW, global_batch=32)
+    terms = {t.symbol: t.value for t in est.terms}
+    c = 8 * 2 * 3 * MS  # micro-batch of 8 through 2 layers
+    assert terms["T_1"] == pytest.approx((m + p - 1) * c)
+    send = 1e-4 + 400 * 8 / 1e8  # one activation (or its gradient) of a micro-batch across the cut
+    assert terms["S_1"] == pytest.approx((m + 1) * send)  # m on the slowest stage + the other stage's once
+    assert terms["S_3"] == 0  # no data parallelism
+
+
+def test_interleaving_shrinks_the_bubble_and_1f1b_the_memory():
+    prof = hand_profile(n=8)
+    gpipe = predict(Layout(pp=2, schedule="gpipe", microbatches=8, partition=(4, 4)), prof, FAST, global_batch=32)
+    one = predict(Layout(pp=2, schedule="1f1b", microbatches=8, partition=(4, 4)), prof, FAST, global_batch=32)
+    inter = predict(Layout(pp=2, schedule="interleaved_1f1b", microbatches=8, partition=(2, 2, 2, 2), stages_per_rank=2),
+                    prof, FAST, global_batch=32)
+    t1 = [{t.symbol: t.value for t in e.terms}["T_1"] for e in (gpipe, one, inter)]
+    assert t1[0] == pytest.approx(t1[1])
+    c = 4 * 4 * 3 * MS
+    assert t1[0] == pytest.approx((8 + 1) * c)
+    assert t1[2] == pytest.approx((8 + 1 / 2) * c)  # (m + (p-1)/v) c
+    mem = [{t.symbol: t.value for t in e.memory_terms}["M_4"] for e in (gpipe, one)]
+    assert mem[1] == pytest.approx(mem[0] * 2 / 8)  # 1F1B keeps p = 2 micro-batches in flight, GPipe m = 8
+
+
+def test_tensor_parallel_splits_compute_and_adds_collectives():
+    prof = hand_profile()
+    for layer in prof.layers:
+        from lightning_distnn.planner import TPCost
+
+        layer.tp[2] = TPCost(sharded=1.0, bytes_per_sample=1000.0, collectives=2, out_sharded=False)
+    est = predict(Layout(tp=2), prof, SLOW, global_batch=32)
+    terms = {t.symbol: t.value for t in est.terms}
+    assert terms["T_1"] == pytest.approx(32 * 4 * 3 * MS / 2)
+    assert terms["S_2"] == pytest.approx(4 * (2 * 2 * 1e-4 + 1000 * 32 / 1e8))
+    assert {t.symbol: t.value for t in est.memory_terms}["M_1"] == pytest.approx(4 * 4000 / 2)
+
+
+def test_bad_layouts_are_refused_with_the_fix():
+    prof = hand_profile()
+    with pytest.raises(ValueError, match="does not split over dp=3"):
+        predict(Layout(dp=3), prof, FAST, global_batch=32)
+    with pytest.raises(ValueError, match="1f1b needs at least pp=4"):
+        predict(Layout(pp=4, schedule="1f1b", microbatches=2, partition=(1, 1, 1, 1)), prof, FAST, global_batch=32)
+    with pytest.raises(ValueError, match="adding up to 4"):
+        predict(Layout(pp=2, schedule="gpipe", microbatches=2, partition=(1, 2)), prof, FAST, global_batch=32)
+    with pytest.raises(ValueError, match="whole-model replicas"):
+        predict(Layout(dp=1, pp=2, schedule="gpipe", partition=(2, 2), sync="parameter_server"), prof, FAST,
+                global_batch=32)
+
+
+# ---- search: the best layout is known by hand ------------------------------------------------------
+def test_small_model_fast_links_picks_data_parallel():
+    plan = search(hand_profile(), FAST, world_size=4, global_batch=32)
+    # pp never beats dp here: every layout computes the same 32 x 12 ms, pipelines add a bubble
+    assert (plan.best.layout.dp, plan.best.layout.pp, plan.best.layout.tp) == (4, 1, 1)
+    assert plan.strategy().name == "distnn_dp"
+
+
+def test_huge_model_slow_links_picks_the_pipeline():
+    plan = search(hand_profile(param_bytes=10**9), SLOW, world_size=4, global_batch=32)
+    best = plan.best.layout
+    # the all-reduce of GBs of gradients dwarfs everything; pp4 with one layer per stage, most micro-batches
+    assert (best.dp, best.pp, best.partition, best.microbatches) == (1, 4, (1, 1, 1, 1), 32)
+    assert best.schedule == "1f1b"  # ties with GPipe on time, keeps fewer micro-batches in memory
+    choice = plan.strategy()
+    assert choice.name == "distnn_hybrid"
+    assert choice.kwargs == {"dp": 1, "pp": 4, "tp": 1, "schedule": "1f1b", "microbatches": 32,
+                             "partition": [1, 1, 1, 1]}
+
+
+def test_balanced_partition_follows_the_profile():
+    prof = hand_profile()
+    prof.layers[0].forward_s = {1: 7 * MS, 8: 56 * MS}  # layer 0 costs 9 ms/sample, the rest 3 ms
+    plan = search(prof, FAST, world_size=2, global_batch=16, syncs=["allreduce"], compressions=["none"],
+                  schedules=["gpipe"])
+    pipes = [e for e in plan.ranked if e.layout.pp == 2]
+    assert pipes and all(e.layout.partition in ((1, 3), (2, 2)) for e in pipes)
+    assert pipes[0].layout.partition == (1, 3)
+
+
+def test_over_budget_is_never_chosen():
+    prof = hand_profile(param_bytes=10**6, saved_bytes=10**5)
+    everything = search(prof, FAST, world_size=4, global_batch=32)
+    memories = sorted({e.memory_bytes for e in everything.ranked})
+    assert everything.best.layout.dp == 4
+    for budget in memories[:: max(1, len(memories) // 8)] + [memories[-1]]:
+        plan = search(prof, FAST, world_size=4, global_batch=32, max_memory_per_rank=budget)
+        assert all(e.memory_bytes <= budget for e in plan.ranked)
+        assert all(e.memory_bytes > budget and "budget" in e.refused for e in plan.refused)
+        assert plan.best.memory_bytes <= budget
+    tight = search(prof, FAST, world_size=4, global_batch=32, max_memory_per_rank=memories[0])
+    assert tight.best.layout.dp < 4  # the fastest (dp4) replicates everything and is refused
+
+
+def test_no_layout_fits_says_which_knob():
+    with pytest.raises(NoLayoutFits, match=r"raise max_memory_per_rank .* to at least \d+ MB"):
+        search(hand_profile(param_bytes=10**8), FAST, world_size=2, global_batch=8, max_memory_per_rank=1e6)
+    with pytest.raises(NoLayoutFits, match="multiple of 4"):
+        search(hand_profile(n=1), FAST, world_size=4, global_batch=3)
+
+
+def test_plan_prints_table_and_seed_sums_and_json():
+    plan = search(hand_profile(), SLOW, world_size=4, global_batch=32)
+    text = str(plan)
+    assert "| rank | layout | step ms |" in text
+    assert "T = T_0 + T_1 + T_2" in text and "S = S_1 + S_2 + S_3" in text and "M = M_1 +" in text
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["best"]["layout"] == plan.best.layout.label
+    assert data["best"]["step_s"] == pytest.approx(plan.best.step_s)
+
+
+def test_strategy_for_maps_layouts_to_registered_strategies():
+    assert strategy_for(Layout(dp=4, compression="fp16")).kwargs == {"compression": "fp16"}
+    assert strategy_for(Layout(dp=4, sync="parameter_server")).name == "distnn_ps"
+    tp = strategy_for(Layout(dp=2, tp=2, compression="bf16"))
+    assert (tp.class_name, tp.kwargs) == ("HybridStrategy", {"dp": 2, "pp": 1, "tp": 2, "compression": "bf16"})
+    strategy = strategy_for(Layout(dp=2, pp=2, schedule="1f1b", microbatches=2, partition=(3, 5))).build(timeout=30)
+    assert type(strategy).__name__ == "HybridStrategy"
+
+
+def test_fit_link_and_calibration_recover_known_values():
+    link = fit_link([1e3, 1e5, 1e6], [2e-4 + n / 5e8 for n in (1e3, 1e5, 1e6)])
+    assert link.latency == pytest.approx(2e-4) and link.bandwidth == pytest.approx(5e8)
+    assert Link(1e-4, 1e9).allreduce(1e6, 4) == pytest.approx(6e-4 + 1.5e6 / 1e9)
+    prof = hand_profile()
+    layouts = [Layout(dp=2), Layout(pp=2, schedule="gpipe", microbatches=2, partition=(2, 2)),
+               Layout(pp=2, schedule="gpipe", microbatches=8, partition=(2, 2))]
+    ests = [predict(layout, prof, FAST, global_batch=32) for layout in layouts]
+    truth = Calibration(step_s=0.05, action_s=0.002)
+    cal = fit_calibration(ests, [e.step_s + truth.seconds(e.layout) for e in ests])
+    assert cal.step_s == pytest.approx(0.05) and cal.action_s == pytest.approx(0.002)
+    assert cal.compute_scale == 1.0  # three layouts: the compute scale is not fitted
+    again = predict(layouts[1], prof, FAST, global_batch=32, calibration=cal)
+    assert again.step_s == pytest.approx(ests[1].step_s + 0.05 + 0.002 * 4)
+    layouts += [Layout(dp=4), Layout(pp=4, schedule="1f1b", microbatches=4, partition=(1, 1, 1, 1)),
+                Layout(dp=2, pp=2, schedule="gpipe", microbatches=4, partition=(2, 2))]
+    world = [predict(layout, prof, SLOW, global_batch=32) for layout in layouts]
+    truth = Calibration(step_s=0.03, action_s=0.001, compute_scale=1.3)
+    measured = [predict(layout, prof, SLOW, global_batch=32, calibration=truth).step_s for layout in layouts]
+    cal = fit_calibration(world, measured)
+    assert (cal.step_s, cal.action_s, cal.compute_scale) == pytest.approx((0.03, 0.001, 1.3))
+
+
+# ---- profile of a real network -------------------------------------------------------------------------
+def _tiny_net():
+    torch.manual_seed(0)
+    return CaseStudyCNN(conv_filters=4, fc_width=8, image_size=16)
+
+
+def test_profile_measures_every_layer_and_round_trips():
+    net = _tiny_net()
+    prof = profile_model(net, torch.randn(1, 3, 16, 16), microbatch_sizes=(1, 2), repeats=1, world_size=2)
+    assert prof.num_layers == len(net)
+    for layer, block in zip(prof.layers, net):
+        assert layer.param_bytes == sum(p.numel() * 4 for p in block.parameters())
+        assert set(layer.forward_s) == {1, 2} and all(v > 0 for v in layer.forward_s.values())
+        assert layer.saved_bytes > 0 and 2 in layer.tp
+    x = torch.randn(1, 3, 16, 16)
+    for layer, block in zip(prof.layers, net):
+        x = block(x)
+        assert layer.out_bytes == x.numel() * 4
+    again = ModelProfile.from_dict(json.loads(json.dumps(prof.to_dict())))
+    assert again == prof
+    assert "| layer | name |" in str(prof)
+
+
+def test_tensor_parallel_bytes_add_up_to_the_plan():
+    from lightning_distnn.parallel.tensor import comm_bytes, plan_tp
+
+    net = _tiny_net()
+    prof = profile_model(net, torch.randn(1, 3, 16, 16), microbatch_sizes=(1,), repeats=1, tp_degrees=[2])
+    batch = 6
+    whole = comm_bytes(plan_tp(net, 2), {leaf.name: (leaf.in_numel * batch, leaf.out_numel * batch)
+                                          for layer in prof.layers for leaf in layer.leaves})["sent"]
+    assert whole > 0
+    assert sum(layer.tp[2].bytes_per_sample for layer in prof.layers) * batch == pytest.approx(whole, rel=1e-6)
+
+
+def test_second_plan_reads_the_cache(tmp_path, monkeypatch):
+    import lightning_distnn.planner.plan as plan_module
+
+    calls = []
+    real = plan_module.profile_model
+    monkeypatch.setattr(plan_module, "profile_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    net = _tiny_net()
+    x = torch.randn(1, 3, 16, 16)
+    first = plan_layout(net, x, world_size=2, global_batch=8, cache_dir=tmp_path, repeats=1, microbatch_sizes=(1, 2))
+    second = plan_layout(net, x, world_size=2, global_batch=8, cache_dir=tmp_path, repeats=1, microbatch_sizes=(1, 2))
+    assert len(calls) == 1
+    assert second.best.layout == first.best.layout and second.best.step_s == pytest.approx(first.best.step_s)
+    assert "cache" in second.notes[-1]
+    plan_layout(net, x, world_size=4, global_batch=8, cache_dir=tmp_path, repeats=1, microbatch_sizes=(1, 2))
+    assert len(calls) == 2  # another world size is another key
+    assert math.isfinite(first.best.images_per_s)

@@ -1,0 +1,99 @@
+"""``distnn-plan``: the ranked table, JSON, a model that fits no layout, and measuring on 2 processes; link probes."""
+
+import json
+
+import pytest
+
+from lightning_distnn.planner.cli import main, parse_bytes, parse_layout
+
+TINY = ["--conv-filters", "4", "--fc-width", "8", "--image-size", "16", "--repeats", "1"]
+
+
+def test_parse_sizes_and_layouts():
+    assert parse_bytes("2GB") == 2e9 and parse_bytes("64KiB") == 65536 and parse_bytes("1e6") == 1e6
+    assert parse_layout("dp=2,pp=5,schedule=1f1b") == {"dp": 2, "pp": 5, "schedule": "1f1b"}
+
+
+def test_cli_prints_ranked_table_and_seed_sums(capsys, tmp_path):
+    code = main(["--world-size", "2", "--global-batch", "8", "--processes", "1", "--links", "assumed",
+                 "--cache-dir", str(tmp_path), "--current", "pp=2,schedule=gpipe,microbatches=2", *TINY])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| rank | layout | step ms | images/s | MB/rank | MB sent/step |" in out
+    assert "T = T_0 + T_1 + T_2" in out and "S = S_1 + S_2 + S_3" in out
+    assert "run it with:" in out and "your layout pp2 gpipe m=2" in out
+
+
+def test_cli_json(capsys, tmp_path):
+    assert main(["--world-size", "2", "--global-batch", "8", "--processes", "1", "--links", "assumed", "--json",
+                 "--cache-dir", str(tmp_path), *TINY]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["world_size"] == 2 and data["ranked"][0]["layout"] == data["best"]["layout"]
+    assert data["best"]["strategy"]["name"].startswith("distnn_")
+    assert set(data["best"]["terms"]) == {"T_0", "T_1", "T_2", "S_1", "S_2", "S_3"}
+
+
+def test_cli_model_that_fits_no_layout_says_which_knob(capsys):
+    code = main(["--world-size", "2", "--global-batch", "8", "--processes", "1", "--links", "assumed", "--no-cache",
+                 "--max-memory-per-rank", "1KB", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no layout fits max_memory_per_rank=0.001 MB on 2 processes" in err
+    assert "raise max_memory_per_rank (--max-memory-per-rank) to at least" in err
+
+
+def _links(rank, world_size):
+    from lightning_distnn.planner.links import measure_network
+
+    return measure_network(repeats=2, sizes=(1 << 10, 1 << 16)).to_dict()
+
+
+@pytest.mark.slow
+def test_links_measured_in_two_processes_agree():
+    from lightning_distnn.testing import run_distributed
+
+    results = run_distributed(_links, 2, init_process_group=True, timeout=120)
+    assert results[0] == results[1]
+    link = results[0]["intra"]
+    assert link["latency"] >= 0 and 0 < link["bandwidth"] < float("inf") and results[0]["measured"]
+
+
+@pytest.mark.slow
+def test_cli_profiles_and_measures_on_two_processes(capsys, tmp_path):
+    code = main(["--world-size", "2", "--global-batch", "8", "--cache-dir", str(tmp_path), "--measure", "1",
+                 "--steps", "2", "--json", *TINY])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert data["network"]["measured"] is True
+    (label, measured), = data["measured"].items()
+    assert label == data["best"]["layout"] and measured["step_s"] > 0 and len(measured["samples"]) == 2
+    assert data["calibration"]["fitted_on"] == 1
+    assert list(tmp_path.glob("calibration-*.json"))  # the next plan on this machine starts calibrated
+
+
+def _plan_inside(rank, world_size, cache_dir):
+    import torch
+
+    from lightning_distnn.models import CaseStudyCNN
+    from lightning_distnn.planner import plan_layout
+
+    torch.manual_seed(0)
+    net = CaseStudyCNN(conv_filters=4, fc_width=8, image_size=16)
+    x = torch.randn(1, 3, 16, 16)
+    first = plan_layout(net, x, world_size=world_size, global_batch=8, cache_dir=cache_dir, repeats=1,
+                        microbatch_sizes=(1, 2))
+    second = plan_layout(net, x, world_size=world_size, global_batch=8, cache_dir=cache_dir, repeats=1,
+                         microbatch_sizes=(1, 2))
+    return first.strategy_kwargs(), first.best.step_s, second.notes[-1], first.profile.profiled_in, first.network.measured
+
+
+@pytest.mark.slow
+def test_plan_inside_the_training_processes_is_the_same_on_every_rank(tmp_path):
+    """What a distnn_auto strategy does at setup: every rank plans at once and gets the same plan."""
+    from lightning_distnn.testing import run_distributed
+
+    results = run_distributed(_plan_inside, 2, str(tmp_path), init_process_group=True, timeout=300)
+    (kw0, step0, note0, procs, measured), (kw1, step1, note1, _, _) = results
+    assert kw0 == kw1 and step0 == step1
+    assert procs == 2 and measured  # profiled by both ranks at once, links measured on the real group
+    assert "cache" in note0 and "cache" in note1
