@@ -5,11 +5,12 @@ Every class registers its names (and name variants with preset arguments, as Lig
 
 * ``distnn_dp``, ``distnn_dp_fp16``, ``distnn_dp_bf16``, ``distnn_dp_powersgd``, ``distnn_dp_topk``
 * ``distnn_ps``, ``distnn_ps_async``; ``distnn_local_sgd``
-* ``distnn_hybrid``, ``distnn_pipeline``, ``distnn_tp``; ``distnn_feature``
+* ``distnn_hybrid``, ``distnn_pipeline``, ``distnn_tp``; ``distnn_feature``; ``distnn_auto`` (the planner)
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_distnn.strategies.auto import AutoStrategy
 from lightning_distnn.strategies.base import MeshStrategy
 from lightning_distnn.strategies.data_parallel import DataParallelBase, DataParallelStrategy, LocalSGDStrategy
 from lightning_distnn.strategies.param_server import ParameterServerStrategy
@@ -26,6 +27,7 @@ STRATEGIES = [
     PipelineStrategy,
     TensorParallelStrategy,
     FeatureParallelStrategy,
+    AutoStrategy,
 ]
 
 for _strategy in STRATEGIES:
@@ -51,6 +53,7 @@ def get_strategy(name: str, **kwargs):
 
 __all__ = [
     "STRATEGIES",
+    "AutoStrategy",
     "DataParallelBase",
     "DataParallelStrategy",
     "FeatureParallelStrategy",

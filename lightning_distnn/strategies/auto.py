@@ -1,0 +1,139 @@
+"""AutoStrategy (``distnn_auto``): the planner picks the layout at setup, the hybrid strategy trains it.
+
+At setup, in the processes that will train (so cores shared by several processes are measured as
+shared), :func:`lightning_distnn.planner.plan_layout` profiles the network on an example batch
+taken from what Lightning will iterate, measures the links of the process group, predicts every
+``dp x pp x tp`` layout with the seed's cost model (T = sum T_i, S = sum S_i) and ranks them. Rank 0
+logs the top rows and the winner's terms; every rank then trains the winner with
+:class:`~lightning_distnn.strategies.hybrid.HybridStrategy`'s own code (no separate path).
+
+The batch size of the training loader is the **global** batch (what one process would use): with
+``dp`` replicas each replica's loader is rebuilt with ``batch_size / dp``, so a run equals one
+process with that batch, whatever layout is chosen, and equals the chosen layout set by hand
+(``HybridStrategy(**kwargs)`` with per-replica batches of ``batch_size / dp``).
+
+Usage::
+
+    Trainer(accelerator="cpu", devices=4, strategy="distnn_auto")
+    Trainer(devices=10, strategy=AutoStrategy(max_memory_per_rank=2e9))
+    distnn-train strategy=auto trainer.devices=4
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_distnn.parallel.pipeline import resolve_stages_per_rank, schedule_name
+from lightning_distnn.strategies._common import Timeout, sequential_of
+from lightning_distnn.strategies._example import ENTRY_POINTS, example_inputs
+from lightning_distnn.strategies.hybrid import HybridStrategy
+
+log = logging.getLogger(__name__)
+
+
+class AutoStrategy(HybridStrategy):
+    """Choose dp x pp x tp, schedule, micro-batches and partition with the planner, then train.
+
+    Args:
+        max_memory_per_rank: bytes; layouts predicted above it are never chosen.
+        schedules: pipeline schedules to consider (default: the planner's: gpipe, 1f1b, interleaved_1f1b).
+        compressions: data-parallel wire formats to consider (``"none"``, ``"fp16"``, ``"bf16"``).
+        max_microbatches: most micro-batches per batch to consider.
+        cache_dir: where profiles are cached (default: the planner's; ``None`` disables the cache).
+        module_attr, record_timeline, timeout, **kwargs: as :class:`HybridStrategy`.
+    """
+
+    strategy_name = "distnn_auto"
+
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, override=True,
+            description="lightning_distnn planner: profiles, predicts every layout, trains the fastest that fits",
+        )
+
+    def __init__(
+        self,
+        max_memory_per_rank: Optional[float] = None,
+        schedules: Optional[Sequence[str]] = None,
+        compressions: Sequence[str] = ("none",),
+        max_microbatches: int = 16,
+        cache_dir: Any = "default",
+        module_attr: Optional[str] = None,
+        record_timeline: bool = True,
+        timeout: Timeout = None,
+        **kwargs: Any,
+    ) -> None:
+        if max_memory_per_rank is not None and not (isinstance(max_memory_per_rank, (int, float)) and max_memory_per_rank > 0):
+            raise ValueError(f"max_memory_per_rank={max_memory_per_rank!r} must be a positive number of bytes, e.g. 2e9.")
+        if not isinstance(max_microbatches, int) or max_microbatches < 1:
+            raise ValueError(f"max_microbatches={max_microbatches!r} must be a positive integer.")
+        super().__init__(dp=-1, pp=1, tp=1, module_attr=module_attr, record_timeline=record_timeline, timeout=timeout, **kwargs)
+        self.max_memory_per_rank = max_memory_per_rank
+        self.plan_options: dict[str, Any] = {"compressions": tuple(compressions), "max_microbatches": max_microbatches}
+        if schedules is not None:
+            self.plan_options["schedules"] = tuple(schedule_name(s) for s in schedules)
+        self.cache_dir = cache_dir
+        self.plan = None
+        self.global_batch: Optional[int] = None
+
+    @override
+    def decide_layout(self) -> None:
+        from lightning_distnn.planner import plan_layout
+
+        module = self.lightning_module
+        _, net = sequential_of(module, self.module_attr)
+        example = example_inputs(module.trainer, module)
+        if example is None:
+            raise ValueError(f"strategy='distnn_auto' plans on an example batch but found none: give {ENTRY_POINTS}.")
+        self.global_batch = int(example.shape[0])
+        options = dict(self.plan_options)
+        if self.cache_dir != "default":
+            options["cache_dir"] = self.cache_dir
+        self.plan = plan_layout(
+            net.to(self.root_device),
+            example[:1].to(self.root_device),
+            world_size=self.world_size,
+            global_batch=self.global_batch,
+            max_memory_per_rank=self.max_memory_per_rank,
+            syncs=("allreduce",),  # what the hybrid runs on its dp axis
+            **options,
+        )
+        layout = self.plan.best.layout
+        self.dp, self.pp, self.tp = layout.dp, layout.pp, layout.tp
+        self.compression = None if layout.compression == "none" else layout.compression
+        if layout.pp > 1:
+            self.schedule = schedule_name(layout.schedule)
+            self.stages_per_rank = resolve_stages_per_rank(self.schedule, layout.stages_per_rank)
+            self.microbatches = layout.microbatches
+            self.partition = list(layout.partition)
+        if self.global_rank == 0:
+            log.warning("[distnn_auto] chose %s\n%s", self.plan.strategy(), self.plan.render(top=5))
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        # the loader's batch is the global batch: each of the dp replicas reads batch_size / dp of it
+        dp = self.parallel_dims.dp if self.parallel_dims is not None else 1
+        if dp == 1 or not isinstance(dataloader, DataLoader) or dataloader.batch_sampler is None:
+            return dataloader
+        size = dataloader.batch_size
+        if not size or size % dp:
+            return dataloader
+        options: dict[str, Any] = dict(
+            batch_size=size // dp, sampler=dataloader.sampler, num_workers=dataloader.num_workers,
+            collate_fn=dataloader.collate_fn, pin_memory=dataloader.pin_memory, drop_last=dataloader.drop_last,
+            timeout=dataloader.timeout, worker_init_fn=dataloader.worker_init_fn,
+            multiprocessing_context=dataloader.multiprocessing_context, generator=dataloader.generator,
+            persistent_workers=dataloader.persistent_workers,
+        )
+        if dataloader.num_workers > 0:
+            options["prefetch_factor"] = dataloader.prefetch_factor
+        return DataLoader(dataloader.dataset, **options)
+
+    @override
+    def describe(self) -> str:
+        return super().describe().replace(type(self).__name__, f"{type(self).__name__} (planned)", 1)

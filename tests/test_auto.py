@@ -1,0 +1,65 @@
+"""distnn_auto: the planner chooses the layout at setup and the run equals that layout chosen by hand
+(and one process with the same global batch)."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_distnn  # noqa: F401
+from lightning_distnn.strategies import AutoStrategy, HybridStrategy
+from lightning_distnn.testing import assert_state_dicts_close, run_distributed
+from lightning_distnn.testing.equivalence import digits_tensors, quiet_trainer, reference_train, tiny_classifier
+
+STEPS, GLOBAL = 3, 16
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="max_memory_per_rank=-1"):
+        AutoStrategy(max_memory_per_rank=-1)
+    with pytest.raises(ValueError, match="max_microbatches=0"):
+        AutoStrategy(max_microbatches=0)
+    with pytest.raises(ValueError, match="Unknown pipeline schedule"):
+        AutoStrategy(schedules=["2f2b"])
+
+
+def _full_state(strategy, module):
+    from torch.distributed.tensor import DTensor
+
+    local = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone() for k, v in module.net.state_dict().items()}
+    parts = [None] * strategy.world_size
+    torch.distributed.all_gather_object(parts, local)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _auto_then_by_hand(rank, world_size, cache_dir):
+    x, y = digits_tensors(STEPS * GLOBAL)
+    auto = AutoStrategy(timeout=60, cache_dir=cache_dir)
+    module = tiny_classifier(seed=0)
+    quiet_trainer(auto, devices=world_size, max_steps=STEPS).fit(
+        module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=GLOBAL)
+    )
+    chosen = auto.plan.strategy()
+    kwargs = {"dp": auto.dims.dp, "pp": auto.dims.pp, "tp": auto.dims.tp}
+    if auto.dims.pp > 1:
+        kwargs.update(schedule=auto.schedule, microbatches=auto.microbatches, partition=list(auto.partition),
+                      stages_per_rank=auto.stages_per_rank if auto.stages_per_rank > 1 else None)
+    by_hand = HybridStrategy(timeout=60, **kwargs)
+    module2 = tiny_classifier(seed=0)
+    quiet_trainer(by_hand, devices=world_size, max_steps=STEPS).fit(
+        module2, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=GLOBAL // kwargs["dp"])
+    )
+    return {"auto": _full_state(auto, module), "hand": _full_state(by_hand, module2), "chosen": str(chosen),
+            "describe": auto.describe(), "ranked": len(auto.plan.ranked)}
+
+
+@pytest.mark.slow
+def test_auto_equals_its_layout_by_hand_and_one_process(tmp_path):
+    results = run_distributed(_auto_then_by_hand, 2, str(tmp_path), timeout=500)
+    x, y = digits_tensors(STEPS * GLOBAL)
+    expected = reference_train(tiny_classifier(seed=0), x, y, GLOBAL, STEPS)
+    assert results[0]["chosen"] == results[1]["chosen"]  # every rank planned the same layout
+    assert results[0]["ranked"] >= 2  # it compared layouts (dp2 and pp2 at least)
+    for r in results:
+        assert "(planned)" in r["describe"]
+        assert_state_dicts_close(r["auto"], r["hand"], atol=1e-5)
+        assert_state_dicts_close(r["auto"], expected, atol=1e-5)
