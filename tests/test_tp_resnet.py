@@ -199,3 +199,37 @@ def test_tp2_resnet_matches_single_process():
             assert abs(r[name]["local"] / (r[name]["full"] / 2) - 1) < 0.05, (r[name]["local"], r[name]["full"])
             assert r[name]["full"] + r[name]["replicated"] == total
             assert r[name]["full"] > SHARDED_SHARE[name] * total, (name, r[name]["full"], total)
+
+
+def _sequential_resnet(seed: int = 0):
+    """The CIFAR ResNet's children as an nn.Sequential (the strategies' contract today) in an ImageClassifier."""
+    from lightning_distnn.models import ImageClassifier
+
+    net = cifar_resnet(width=8, layers=(1, 1, 1, 1), seed=seed)
+    return ImageClassifier(nn.Sequential(net.conv1, net.bn1, net.relu, net.layer1, net.layer2, net.layer3, net.layer4,
+                                         net.avgpool, nn.Flatten(), net.fc))
+
+
+def _strategy_worker(rank, world_size):
+    from lightning_distnn.strategies import TensorParallelStrategy
+    from lightning_distnn.testing.equivalence import FixedDataModule, quiet_trainer
+
+    module = _sequential_resnet()
+    x, y = digits_tensors(STEPS * BATCH, image_size=IMAGE)
+    strategy = TensorParallelStrategy(timeout=60)
+    quiet_trainer(strategy, devices=world_size, max_steps=STEPS).fit(module, datamodule=FixedDataModule(x, y, BATCH))
+    return {"state": _full_state(module.net), "styles": strategy.tp_plan.styles(), "bytes": strategy.comm_bytes_per_step()}
+
+
+@pytest.mark.slow
+def test_tensor_parallel_strategy_trains_residual_blocks():
+    """distnn_tp through Lightning on a network holding torchvision BasicBlocks: equal to one process."""
+    from lightning_distnn.testing.equivalence import reference_train
+
+    results = run_distributed(_strategy_worker, 2, timeout=400)
+    x, y = digits_tensors(STEPS * BATCH, image_size=IMAGE)
+    expected = reference_train(_sequential_resnet(), x, y, BATCH, STEPS)
+    for r in results:
+        assert r["styles"]["3.0.conv1"] == "colwise" and r["styles"]["4.0.conv2"] == "rowwise"
+        assert r["bytes"]["sent"] > 0
+        assert_state_dicts_close(r["state"], expected, atol=1e-5)
