@@ -101,6 +101,7 @@ def test_user_plans_and_refusals_name_the_module():
     net = cifar_resnet(width=8, layers=(1, 1, 1, 1))
     whole = plan_tp(net, 2, plan={"layer1.0": "replicate"})
     assert whole.styles()["layer1.0"] == "replicate" and "layer1.0.conv1" not in whole.styles()
+    assert "user plan" in {e.name: e for e in whole.entries}["layer1.0"].note
     with pytest.raises(ValueError, match=r"'layer1\.0\.conv1'.*keeps whole.*drop one"):
         plan_tp(net, 2, plan={"layer1.0": "replicate", "layer1.0.conv1": "colwise"})
     with pytest.raises(ValueError, match=r"plan\['layer2\.0\.downsample'\]='colwise'.*shortcut.*remove it"):
