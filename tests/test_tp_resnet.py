@@ -7,14 +7,23 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, conv1x1, resnet18
 
-from lightning_distnn.parallel.tensor import activation_numel, apply_tp, comm_bytes, leaves, plan_tp, sharded_parameter_numel
+from lightning_distnn.parallel.tensor import (
+    activation_numel,
+    apply_tp,
+    comm_bytes,
+    leaves,
+    plan_tp,
+    sharded_parameter_numel,
+)
 from lightning_distnn.testing import assert_state_dicts_close, run_distributed
 from lightning_distnn.testing.equivalence import digits_tensors
 
 STEPS, BATCH, IMAGE = 3, 8, 16
 
 
-def cifar_resnet(block=BasicBlock, layers=(2, 2, 2, 2), *, width: int = 64, num_classes: int = 10, seed: int = 0) -> ResNet:
+def cifar_resnet(
+    block=BasicBlock, layers=(2, 2, 2, 2), *, width: int = 64, num_classes: int = 10, seed: int = 0
+) -> ResNet:
     """torchvision's ResNet with a CIFAR stem (conv1 3x3 stride 1, no maxpool) and widths ``width * 2**i``.
 
     A torchvision ``ResNet`` instance (its forward unchanged); ``width=64`` and ``BasicBlock, (2, 2, 2, 2)``
@@ -175,7 +184,7 @@ def _resnet_worker(rank, world_size):
         local, full = sharded_parameter_numel(net)
         replicated = sum(p.numel() for p in net.parameters()) - full
         logits = _train(net, STEPS)
-        out[name] = {"state": _full_state(net), "logits": logits, "local": local, "full": full, "replicated": replicated}
+        out[name] = dict(state=_full_state(net), logits=logits, local=local, full=full, replicated=replicated)
     return out
 
 
@@ -192,7 +201,7 @@ def test_tp2_resnet_matches_single_process():
         total = sum(p.numel() for p in initial.parameters())
         for rank, r in enumerate(results):
             try:
-                assert_state_dicts_close(r[name]["state"], expected, atol=1e-5)  # weights, momenta-driven, BN running stats
+                assert_state_dicts_close(r[name]["state"], expected, atol=1e-5)  # weights and BN running stats
                 torch.testing.assert_close(r[name]["logits"], logits, atol=1e-5, rtol=0)  # eval mode: running stats
             except AssertionError as err:
                 raise AssertionError(f"{name}, rank {rank}: {err}") from None
@@ -219,7 +228,7 @@ def _strategy_worker(rank, world_size):
     x, y = digits_tensors(STEPS * BATCH, image_size=IMAGE)
     strategy = TensorParallelStrategy(timeout=60)
     quiet_trainer(strategy, devices=world_size, max_steps=STEPS).fit(module, datamodule=FixedDataModule(x, y, BATCH))
-    return {"state": _full_state(module.net), "styles": strategy.tp_plan.styles(), "bytes": strategy.comm_bytes_per_step()}
+    return dict(state=_full_state(module.net), styles=strategy.tp_plan.styles(), bytes=strategy.comm_bytes_per_step())
 
 
 @pytest.mark.slow
