@@ -286,3 +286,11 @@ def test_rule_table_reproduces_the_golden_plans():
         except (TypeError, ValueError) as exc:
             got = {"error": f"{type(exc).__name__}: {exc}"}
         assert got == {k: v for k, v in want.items() if k != "plan"}, label
+
+
+def test_rules_table_prints_one_row_per_kind():
+    from lightning_distnn.parallel.tensor import RULES, rules_table
+
+    text = rules_table()
+    assert len(text.splitlines()) == len(RULES) + 1
+    assert "residual block" in text and "sharded_norm" in text and RULES[-1].matches(nn.Module())

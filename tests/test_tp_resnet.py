@@ -7,14 +7,23 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, conv1x1, resnet18
 
-from lightning_distnn.parallel.tensor import activation_numel, apply_tp, comm_bytes, leaves, plan_tp, sharded_parameter_numel
+from lightning_distnn.parallel.tensor import (
+    activation_numel,
+    apply_tp,
+    comm_bytes,
+    leaves,
+    plan_tp,
+    sharded_parameter_numel,
+)
 from lightning_distnn.testing import assert_state_dicts_close, run_distributed
 from lightning_distnn.testing.equivalence import digits_tensors
 
 STEPS, BATCH, IMAGE = 3, 8, 16
 
 
-def cifar_resnet(block=BasicBlock, layers=(2, 2, 2, 2), *, width: int = 64, num_classes: int = 10, seed: int = 0) -> ResNet:
+def cifar_resnet(
+    block=BasicBlock, layers=(2, 2, 2, 2), *, width: int = 64, num_classes: int = 10, seed: int = 0
+) -> ResNet:
     """torchvision's ResNet with a CIFAR stem (conv1 3x3 stride 1, no maxpool) and widths ``width * 2**i``.
 
     A torchvision ``ResNet`` instance (its forward unchanged); ``width=64`` and ``BasicBlock, (2, 2, 2, 2)``
@@ -101,6 +110,7 @@ def test_user_plans_and_refusals_name_the_module():
     net = cifar_resnet(width=8, layers=(1, 1, 1, 1))
     whole = plan_tp(net, 2, plan={"layer1.0": "replicate"})
     assert whole.styles()["layer1.0"] == "replicate" and "layer1.0.conv1" not in whole.styles()
+    assert "user plan" in {e.name: e for e in whole.entries}["layer1.0"].note
     with pytest.raises(ValueError, match=r"'layer1\.0\.conv1'.*keeps whole.*drop one"):
         plan_tp(net, 2, plan={"layer1.0": "replicate", "layer1.0.conv1": "colwise"})
     with pytest.raises(ValueError, match=r"plan\['layer2\.0\.downsample'\]='colwise'.*shortcut.*remove it"):
@@ -174,7 +184,7 @@ def _resnet_worker(rank, world_size):
         local, full = sharded_parameter_numel(net)
         replicated = sum(p.numel() for p in net.parameters()) - full
         logits = _train(net, STEPS)
-        out[name] = {"state": _full_state(net), "logits": logits, "local": local, "full": full, "replicated": replicated}
+        out[name] = dict(state=_full_state(net), logits=logits, local=local, full=full, replicated=replicated)
     return out
 
 
@@ -191,7 +201,7 @@ def test_tp2_resnet_matches_single_process():
         total = sum(p.numel() for p in initial.parameters())
         for rank, r in enumerate(results):
             try:
-                assert_state_dicts_close(r[name]["state"], expected, atol=1e-5)  # weights, momenta-driven, BN running stats
+                assert_state_dicts_close(r[name]["state"], expected, atol=1e-5)  # weights and BN running stats
                 torch.testing.assert_close(r[name]["logits"], logits, atol=1e-5, rtol=0)  # eval mode: running stats
             except AssertionError as err:
                 raise AssertionError(f"{name}, rank {rank}: {err}") from None
@@ -199,3 +209,37 @@ def test_tp2_resnet_matches_single_process():
             assert abs(r[name]["local"] / (r[name]["full"] / 2) - 1) < 0.05, (r[name]["local"], r[name]["full"])
             assert r[name]["full"] + r[name]["replicated"] == total
             assert r[name]["full"] > SHARDED_SHARE[name] * total, (name, r[name]["full"], total)
+
+
+def _sequential_resnet(seed: int = 0):
+    """The CIFAR ResNet's children as an nn.Sequential (the strategies' contract today) in an ImageClassifier."""
+    from lightning_distnn.models import ImageClassifier
+
+    net = cifar_resnet(width=8, layers=(1, 1, 1, 1), seed=seed)
+    return ImageClassifier(nn.Sequential(net.conv1, net.bn1, net.relu, net.layer1, net.layer2, net.layer3, net.layer4,
+                                         net.avgpool, nn.Flatten(), net.fc))
+
+
+def _strategy_worker(rank, world_size):
+    from lightning_distnn.strategies import TensorParallelStrategy
+    from lightning_distnn.testing.equivalence import FixedDataModule, quiet_trainer
+
+    module = _sequential_resnet()
+    x, y = digits_tensors(STEPS * BATCH, image_size=IMAGE)
+    strategy = TensorParallelStrategy(timeout=60)
+    quiet_trainer(strategy, devices=world_size, max_steps=STEPS).fit(module, datamodule=FixedDataModule(x, y, BATCH))
+    return dict(state=_full_state(module.net), styles=strategy.tp_plan.styles(), bytes=strategy.comm_bytes_per_step())
+
+
+@pytest.mark.slow
+def test_tensor_parallel_strategy_trains_residual_blocks():
+    """distnn_tp through Lightning on a network holding torchvision BasicBlocks: equal to one process."""
+    from lightning_distnn.testing.equivalence import reference_train
+
+    results = run_distributed(_strategy_worker, 2, timeout=400)
+    x, y = digits_tensors(STEPS * BATCH, image_size=IMAGE)
+    expected = reference_train(_sequential_resnet(), x, y, BATCH, STEPS)
+    for r in results:
+        assert r["styles"]["3.0.conv1"] == "colwise" and r["styles"]["4.0.conv2"] == "rowwise"
+        assert r["bytes"]["sent"] > 0
+        assert_state_dicts_close(r["state"], expected, atol=1e-5)

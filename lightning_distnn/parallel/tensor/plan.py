@@ -32,7 +32,8 @@ def _no_partner(rest: list[Unit], end: str) -> Optional[str]:
         if isinstance(unit.module, (nn.Conv2d, nn.Linear)):
             return None
         if unit.residual is not None:
-            return f"no row-wise partner before {unit.name!r} (a {type(unit.module).__name__} takes the whole activation)"
+            kind = type(unit.module).__name__
+            return f"no row-wise partner before {unit.name!r} (a {kind} takes the whole activation)"
     return f"no row-wise partner before {end}"
 
 

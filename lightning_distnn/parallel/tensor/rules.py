@@ -4,24 +4,7 @@ A rule says which incoming activation layouts a kind takes as they are (any othe
 first: the column-wise layer that produced the shard all-gathers its output), which style the
 module gets given that layout (and the user's choice), and the layout it hands on. The planner
 (:func:`lightning_distnn.parallel.tensor.plan.plan_tp`) only threads the layout through the walk and
-applies these rows; ``print(rules_table())`` shows them.
-
-==================  ====================  ===========================================================
-kind                takes                 style given the incoming layout -> layout out
-==================  ====================  ===========================================================
-Conv2d              replicate, shard(1)   replicate in: colwise -> shard(1) if out_channels divide by
-                                          tp and a Conv2d/Linear follows before the next residual
-                                          block, else replicate; shard(1) in: rowwise -> replicate
-Linear              replicate, shard(-1)  as Conv2d on features
-elementwise         any                   pass, layout unchanged
-pooling             replicate, shard(1)   pass, layout unchanged
-Dropout             any                   pass; refused with p>0 on a replicated activation
-Flatten             any                   shard(1) in, Flatten(1, -1): pass -> shard(-1); else whole
-BatchNorm1d/2d      any                   shard in: sharded_norm; replicate in: replicate
-residual block      replicate             its branch planned by these rules and gathered before the
-                                          add; the shortcut replicated -> replicate
-anything else       replicate             replicate (pass if it has no parameters)
-==================  ====================  ===========================================================
+applies these rows. ``print(rules_table())`` shows the table; docs/tensor_parallel.md explains it.
 """
 
 from __future__ import annotations
@@ -83,6 +66,7 @@ class Rule:
     takes: frozenset
     user_styles: tuple[str, ...]
     decide: Callable[[Step], Decision]
+    summary: str  # what it does, for the printed table
     expands: bool = False  # a residual block: the planner walks its branch and shortcut
 
 
@@ -175,11 +159,14 @@ def _residual(step: Step) -> Decision:
 
 
 def _whole(step: Step) -> Decision:
-    known = isinstance(step.module, _WHOLE_NORMS)
+    if step.user == "replicate" and residual_of(step.module) is not None:
+        note = "not sharded (user plan): the block runs whole"
+    elif isinstance(step.module, _WHOLE_NORMS):
+        note = "needs the whole activation"
+    else:
+        note = "unknown module: runs unsharded"
     has_params = any(True for _ in step.module.parameters())
-    return Decision("replicate" if has_params else "pass", REPLICATE,
-                    "needs the whole activation" if known else "unknown module: runs unsharded",
-                    whole=f"{step.name!r} ({step.kind})")
+    return Decision("replicate" if has_params else "pass", REPLICATE, note, whole=f"{step.name!r} ({step.kind})")
 
 
 _MATMUL_STYLES = ("colwise", "rowwise", "replicate")
@@ -187,16 +174,23 @@ _OTHER_STYLES = ("pass", "replicate", "sharded_norm")
 
 #: The table, first match wins; the last row matches every module.
 RULES: tuple[Rule, ...] = (
-    Rule("Conv2d", lambda m: isinstance(m, nn.Conv2d), frozenset({REPLICATE, SHARD_CHANNELS}), _MATMUL_STYLES, _matmul),
-    Rule("Linear", lambda m: isinstance(m, nn.Linear), frozenset({REPLICATE, SHARD_FEATURES}), _MATMUL_STYLES, _matmul),
-    Rule("elementwise", lambda m: isinstance(m, ELEMENTWISE), _ANY, _OTHER_STYLES, _on_shard),
-    Rule("pooling", lambda m: isinstance(m, POOLS), frozenset({REPLICATE, SHARD_CHANNELS}), _OTHER_STYLES, _on_shard),
-    Rule("Dropout", lambda m: isinstance(m, DROPOUTS), _ANY, _OTHER_STYLES, _dropout),
-    Rule("Flatten", lambda m: isinstance(m, nn.Flatten), _ANY, _OTHER_STYLES, _flatten),
-    Rule("BatchNorm1d/2d", lambda m: isinstance(m, CHANNEL_NORMS), _ANY, _OTHER_STYLES, _channel_norm),
+    Rule("Conv2d", lambda m: isinstance(m, nn.Conv2d), frozenset({REPLICATE, SHARD_CHANNELS}), _MATMUL_STYLES, _matmul,
+         "replicate in: colwise -> shard(1) if it divides and pairs, else replicate; shard(1) in: rowwise -> replicate"),
+    Rule("Linear", lambda m: isinstance(m, nn.Linear), frozenset({REPLICATE, SHARD_FEATURES}), _MATMUL_STYLES, _matmul,
+         "as Conv2d on features (shard(-1))"),
+    Rule("elementwise", lambda m: isinstance(m, ELEMENTWISE), _ANY, _OTHER_STYLES, _on_shard, "pass, layout unchanged"),
+    Rule("pooling", lambda m: isinstance(m, POOLS), frozenset({REPLICATE, SHARD_CHANNELS}), _OTHER_STYLES, _on_shard,
+         "pass, layout unchanged"),
+    Rule("Dropout", lambda m: isinstance(m, DROPOUTS), _ANY, _OTHER_STYLES, _dropout,
+         "pass; refused with p>0 on a replicated activation"),
+    Rule("Flatten", lambda m: isinstance(m, nn.Flatten), _ANY, _OTHER_STYLES, _flatten,
+         "Flatten(1, -1) of shard(1) -> shard(-1); otherwise the whole activation"),
+    Rule("BatchNorm1d/2d", lambda m: isinstance(m, CHANNEL_NORMS), _ANY, _OTHER_STYLES, _channel_norm,
+         "shard in: sharded_norm (per-channel statistics); replicate in: replicate"),
     Rule("residual block", lambda m: residual_of(m) is not None, frozenset({REPLICATE}), ("pass", "replicate"),
-         _residual, expands=True),
-    Rule("anything else", lambda m: True, frozenset({REPLICATE}), _OTHER_STYLES, _whole),
+         _residual, "branch by these rules, whole before the add; shortcut replicated", expands=True),
+    Rule("anything else", lambda m: True, frozenset({REPLICATE}), _OTHER_STYLES, _whole,
+         "replicate (pass without parameters)"),
 )
 
 #: The row a residual block the user plans 'replicate' falls back to (kept whole, not sharded inside).
@@ -209,9 +203,9 @@ def rule_for(module: nn.Module) -> Rule:
 
 
 def rules_table() -> str:
-    """The rules as a text table (kind, layouts taken as they are, styles a user plan may give)."""
-    rows = [("kind", "takes", "user styles")] + [
-        (r.kind, ", ".join(sorted(r.takes)), ", ".join(r.user_styles)) for r in RULES
+    """The rules as a text table: kind, layouts taken as they are, styles a user plan may give, what it does."""
+    rows = [("kind", "takes", "user styles", "does")] + [
+        (r.kind, ", ".join(sorted(r.takes)), ", ".join(r.user_styles), r.summary) for r in RULES
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)

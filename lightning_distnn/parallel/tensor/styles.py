@@ -47,13 +47,28 @@ def _as_dtensor_param(param: Optional[nn.Parameter], mesh: DeviceMesh, placement
     )
 
 
-def _check_conv(module: nn.Module, style: str) -> None:
+def _shard_conv(style: ParallelStyle, module: nn.Module, mesh: DeviceMesh, *, dim: int, bias: Placement,
+                tag: str, forward) -> nn.Module:
+    """Turn ``module``'s weight into a DTensor sharded on ``dim`` (0: output, 1: input channels), its bias
+    into ``bias``; swap in ``forward``. Errors name the layer's numbers and the fix."""
+    name = type(style).__name__
     if not isinstance(module, nn.Conv2d):
-        raise TypeError(f"{style} shards nn.Conv2d, got {type(module).__name__}: use it on a Conv2d layer.")
+        raise TypeError(f"{name} shards nn.Conv2d, got {type(module).__name__}: use it on a Conv2d layer.")
     if module.groups != 1:
+        raise ValueError(f"{name} needs groups=1, got a Conv2d with groups={module.groups}: plan it 'replicate' instead.")
+    what, channels = ("out_channels", module.out_channels) if dim == 0 else ("in_channels", module.in_channels)
+    size = mesh.size()
+    if channels % size:
         raise ValueError(
-            f"{style} needs groups=1, got a Conv2d with groups={module.groups}: plan it 'replicate' instead."
+            f"{name} splits {what}={channels} over tp={size} ranks, which does not divide it: use a channel count "
+            f"divisible by {size}, another tp, or plan this layer 'replicate'."
         )
+    module.weight = _as_dtensor_param(module.weight, mesh, Shard(dim), style.src_data_rank)
+    if module.bias is not None:
+        module.bias = _as_dtensor_param(module.bias, mesh, bias, style.src_data_rank)
+    module._tp_mesh, module._tp_style = mesh, style
+    swap_forward(module, tag, forward)
+    return module
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,19 +99,8 @@ class ColwiseConv(ParallelStyle):
         self.use_local_output = use_local_output
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        _check_conv(module, "ColwiseConv")
-        size = device_mesh.size()
-        if module.out_channels % size:
-            raise ValueError(
-                f"ColwiseConv splits out_channels={module.out_channels} over tp={size} ranks, which does not divide "
-                f"it: use a channel count divisible by {size}, another tp, or plan this layer 'replicate'."
-            )
-        module.weight = _as_dtensor_param(module.weight, device_mesh, Shard(0), self.src_data_rank)
-        if module.bias is not None:
-            module.bias = _as_dtensor_param(module.bias, device_mesh, Shard(0), self.src_data_rank)
-        module._tp_mesh, module._tp_style = device_mesh, self
-        swap_forward(module, "Colwise", _colwise_conv_forward)
-        return module
+        return _shard_conv(self, module, device_mesh, dim=0, bias=Shard(0), tag="Colwise",
+                           forward=_colwise_conv_forward)
 
     def __repr__(self) -> str:
         return f"ColwiseConv(input_layouts={self.input_layouts}, output_layouts={self.output_layouts})"
@@ -131,19 +135,8 @@ class RowwiseConv(ParallelStyle):
         self.use_local_output = use_local_output
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        _check_conv(module, "RowwiseConv")
-        size = device_mesh.size()
-        if module.in_channels % size:
-            raise ValueError(
-                f"RowwiseConv splits in_channels={module.in_channels} over tp={size} ranks, which does not divide "
-                f"it: use a channel count divisible by {size}, another tp, or plan this layer 'replicate'."
-            )
-        module.weight = _as_dtensor_param(module.weight, device_mesh, Shard(1), self.src_data_rank)
-        if module.bias is not None:
-            module.bias = _as_dtensor_param(module.bias, device_mesh, Replicate(), self.src_data_rank)
-        module._tp_mesh, module._tp_style = device_mesh, self
-        swap_forward(module, "Rowwise", _rowwise_conv_forward)
-        return module
+        return _shard_conv(self, module, device_mesh, dim=1, bias=Replicate(), tag="Rowwise",
+                           forward=_rowwise_conv_forward)
 
     def __repr__(self) -> str:
         return f"RowwiseConv(input_layouts={self.input_layouts})"

@@ -23,7 +23,8 @@ from typing import Optional
 
 from torch import nn
 
-__all__ = ["GLUE_FLATTEN", "Residual", "Unit", "chain_of", "leaves", "overridden_chain", "residual_of", "units", "walkable"]
+__all__ = ["GLUE_FLATTEN", "Residual", "Unit", "chain_of", "leaves", "overridden_chain", "residual_of", "units",
+           "walkable"]
 
 #: Name of the synthetic unit standing for a functional ``torch.flatten(x, 1)`` in a chain's forward.
 GLUE_FLATTEN = "(torch.flatten)"
@@ -109,7 +110,9 @@ def _unit(name: str, module: nn.Module) -> list[Unit]:
         return [Unit(name, module)]
     branch = [Unit(_join(name, child), getattr(module, child)) for child in block.branch]
     shortcut = getattr(module, block.shortcut, None)
-    return [Unit(name, module, Residual(branch, None if shortcut is None else Unit(_join(name, block.shortcut), shortcut)))]
+    if shortcut is not None:
+        shortcut = Unit(_join(name, block.shortcut), shortcut)
+    return [Unit(name, module, Residual(branch, shortcut))]
 
 
 def units(module: nn.Module, prefix: str = "") -> list[Unit]:
