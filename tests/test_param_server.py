@@ -266,11 +266,6 @@ def _ps_fit(rank, world_size, path, resume, kwargs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="strategy: DataParallelStrategy must call ParameterServerGroup.export_state(optimizer) before saving "
-    "and import_state(optimizer) after a restore (e.g. in on_train_start); see the tests report",
-)
 def test_ps_checkpoint_resumes_weights_and_momentum(tmp_path):
     from tests.test_hybrid import _reference_two_epochs
 

@@ -182,6 +182,21 @@ class ParameterServerStrategy(DataParallelBase):
         return super().training_step(*args, **kwargs)
 
     @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self._ps is not None:
+            # the servers copied the parameters when they were built, before a checkpoint was restored into
+            # the module and the workers' optimizer: serve the restored values and momentum
+            self._ps.import_state(self._raw_optimizers()[0])
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
+        if self._ps is not None:
+            # the workers' optimizer never steps (the servers do): give it the servers' state, then save it
+            self._ps.export_state(self._raw_optimizers()[0])
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
     def on_train_end(self) -> None:
         if self._ps is not None:
             self._ps.close()
