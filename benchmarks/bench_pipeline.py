@@ -255,6 +255,15 @@ def _print_bubble(args, res):
                      "p2p KiB sent/rank": r["bytes"]["sent"] / 1024})
     print(format_table(rows))
     print("(recv wait / send / other: fractions of the schedule step; outside: time between steps outside it)")
+    try:
+        from lightning_distnn.parallel.pipeline.timeline import split_waits
+    except ImportError:  # before issue 15
+        return
+    if res.get("records"):
+        waits = split_waits(res["records"])
+        print(f"1F1B m={args.micro}, last step, receive waits per rank: " + "; ".join(
+            f"rank {r}: waiting for the producer {1e3 * w['dependency']:.2f} ms, transfer {1e3 * w['transfer']:.2f} ms"
+            for r, w in sorted(waits.items())))
 
 
 def _print_partition(args, res):

@@ -60,15 +60,19 @@ def _train(step_fn, params, n: int, accumulate: int) -> None:
             optimizer.step()
 
 
-def _reference(n: int, accumulate: int) -> nn.Sequential:
+def _reference(n: int, accumulate: int) -> tuple[nn.Sequential, list[float]]:
+    """One process: the trained network and each batch's mean loss."""
     net = copy.deepcopy(_net())
     x, y = _data(n)
+    losses = []
 
     def step(sl):
-        (nn.functional.cross_entropy(net(x[sl]), y[sl]) / accumulate).backward()
+        loss = nn.functional.cross_entropy(net(x[sl]), y[sl])
+        losses.append(loss.item())
+        (loss / accumulate).backward()
 
     _train(step, net.parameters(), n, accumulate)
-    return net
+    return net, losses
 
 
 def _run_cases(rank: int, world: int) -> list[dict]:
@@ -89,9 +93,12 @@ def _run_cases(rank: int, world: int) -> list[dict]:
         x, y = _data(n)
         splits = []
 
+        losses = []
+
         def step(sl):
             pipe.train_step(x[sl], y[sl])
             splits.append(pipe.last_split)
+            losses.append(None if pipe.last_loss is None else float(pipe.last_loss))
 
         _train(step, [p for m in pipe.modules for p in m.parameters()], n, accumulate)
         state = {k: v.detach().clone() for m in pipe.modules for k, v in m.state_dict().items()}
@@ -102,7 +109,7 @@ def _run_cases(rank: int, world: int) -> list[dict]:
         out.append({
             "state": state, "splits": splits, "eval": evals, "last": pipe.is_last, "bubble": pipe.bubble(),
             "breakdown": pipe.breakdown(), "kinds": {r.kind for r in pipe.timeline.records},
-            "stages": pipe.stage_indices,
+            "stages": pipe.stage_indices, "losses": losses,
         })
     return out
 
@@ -111,7 +118,7 @@ def test_ragged_batches_equal_one_process():
     per_rank = run_distributed(_run_cases, 2, init_process_group=True, timeout=420)
     for i, (schedule, n, accumulate) in enumerate(CASES):
         where = f"schedule={schedule}, {n} samples, accumulate_grad_batches={accumulate}"
-        ref = _reference(n, accumulate)
+        ref, ref_losses = _reference(n, accumulate)
         merged = {}
         for r in per_rank:
             assert not set(merged) & set(r[i]["state"]), f"{where}: a layer is on two ranks"
@@ -121,6 +128,9 @@ def test_ragged_batches_equal_one_process():
             assert_state_dicts_close(merged, ref.state_dict(), atol=1e-5)
         except AssertionError as err:
             raise AssertionError(f"{where}: {err}") from None
+        # the last stage's rank reports each batch's mean loss (the reference's, at the same weights)
+        losses = [r[i]["losses"] for r in per_rank if r[i]["last"]][0]
+        assert losses == pytest.approx(ref_losses, abs=1e-5), where
         # the last batch really was short, and ran with fewer micro-batches
         last = per_rank[0][i]["splits"][-1]
         assert last.microbatches * last.micro_size == n % BATCH
