@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_distnn.parallel.pipeline import BatchSplit, apply_pipeline, split_batch
-from lightning_distnn.partition.model import uniform
+from lightning_distnn.parallel.pipeline import BatchSplit, apply_pipeline, auto_microbatches, measure_link, split_batch
+from lightning_distnn.partition.model import LinkCost, balanced, uniform
 from lightning_distnn.testing import assert_state_dicts_close, run_distributed
 
 MICRO, BATCH, LR = 4, 8, 0.1
@@ -76,7 +76,8 @@ def _reference(n: int, accumulate: int) -> tuple[nn.Sequential, list[float]]:
 
 
 def _run_cases(rank: int, world: int) -> list[dict]:
-    out = []
+    link = measure_link(dist.group.WORLD, repeats=5, big_bytes=1 << 16)
+    out = [{"latency": link.latency_s, "bandwidth": link.bandwidth_Bps}]
     for schedule, n, accumulate in CASES:
         net = _net()
         stages = 2 if schedule in ("gpipe", "1f1b") else 4
@@ -116,6 +117,9 @@ def _run_cases(rank: int, world: int) -> list[dict]:
 
 def test_ragged_batches_equal_one_process():
     per_rank = run_distributed(_run_cases, 2, init_process_group=True, timeout=420)
+    for r in per_rank:  # the measured link (both ranks take part)
+        link = r.pop(0)
+        assert link["latency"] > 0 and link["bandwidth"] > 0
     for i, (schedule, n, accumulate) in enumerate(CASES):
         where = f"schedule={schedule}, {n} samples, accumulate_grad_batches={accumulate}"
         ref, ref_losses = _reference(n, accumulate)
@@ -215,3 +219,17 @@ def test_gantt_labels_do_not_overlap_at_m8_with_two_stages_per_rank():
     # waits have their own colour
     assert any(tuple(p.get_facecolor()[:3]) == matplotlib.colors.to_rgb(COLORS["R"]) for p in ax.patches)
     matplotlib.pyplot.close(fig)
+
+
+def test_auto_microbatches_follows_the_link():
+    plan = balanced([0.002] * 8, 2)
+    counts = [
+        auto_microbatches(plan, 64, profiled_batch=16, cut_bytes=[16 * 1024] * 8, link=LinkCost(latency, 1e9),
+                          schedule="1f1b", pp_size=2)
+        for latency in (1e-5, 1e-4, 1e-3, 1e-2)
+    ]
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1] >= 2  # 1F1B needs m >= pp
+    assert all(64 % m == 0 for m in counts)
+    with pytest.raises(ValueError, match="measured layer costs"):
+        auto_microbatches(uniform(8, 2), 64, profiled_batch=16, cut_bytes=[1] * 8, link=LinkCost(1e-4, 1e9),
+                          schedule="1f1b", pp_size=2)
