@@ -1,4 +1,4 @@
-"""Pipeline parallelism on ``torch.distributed.pipelining``: stages, schedules, checks, timeline.
+"""The pipeline runtime: this rank's stages, their cached schedules, and one step of them.
 
 Pure torch, no Lightning. :func:`apply_pipeline` takes an ``nn.Sequential``, a
 :class:`~lightning_distnn.partition.model.StagePlan` and the pipeline (``pp``) process group, and
@@ -17,8 +17,10 @@ Composition (the hybrid strategy): ``dp_group`` averages each stage's gradients 
 data-parallel replicas after the schedule step; ``stage_transform`` is applied to each stage
 module before it is wrapped (e.g. tensor parallelism).
 
-Timeline: every F/B/I/W task each local stage runs is recorded
-(:class:`~lightning_distnn.parallel.pipeline.timeline.TaskRecord`), so the schedule can be drawn (:mod:`lightning_distnn.pipeline_viz`) and its bubble measured.
+Timeline: every F/B/I/W task each local stage runs, and its receive waits and sends, are recorded
+(:class:`~lightning_distnn.parallel.pipeline.timeline.TaskRecord`), so the schedule can be drawn
+(:mod:`lightning_distnn.pipeline_viz`), its bubble measured and the step's time broken down
+(:meth:`Pipeline.breakdown`).
 """
 
 from __future__ import annotations
