@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lightning_distnn.callbacks import format_table  # noqa: E402
 from lightning_distnn.models import CaseStudyCNN, ImageClassifier  # noqa: E402
-from lightning_distnn.parallel.pipeline import SCHEDULES, resolve_stages_per_rank  # noqa: E402
+from lightning_distnn.parallel.pipeline import SCHEDULES, measure_link, resolve_stages_per_rank  # noqa: E402
 from lightning_distnn.partition.model import balanced, profile_layer_costs, uniform  # noqa: E402
 from lightning_distnn.strategies import PipelineStrategy  # noqa: E402
 from lightning_distnn.testing import run_distributed  # noqa: E402
@@ -61,34 +61,6 @@ class StepTimer(pl.Callback):
         if self.start is not None:
             self.steps += 1
             self.elapsed = time.perf_counter() - self.start
-
-
-def measure_link(rank, repeats=50):
-    """p2p latency (one way, 4-byte message, half a ping-pong) and bandwidth (4 MiB one way) between ranks 0 and 1."""
-    small, big = torch.zeros(1), torch.zeros(1 << 20)
-    peer = 1 - rank
-
-    def pingpong(t):
-        if rank == 0:
-            dist.send(t, dst=peer)
-            dist.recv(t, src=peer)
-        else:
-            dist.recv(t, src=peer)
-            dist.send(t, dst=peer)
-
-    out = {}
-    for name, t, n in (("latency_s", small, repeats), ("big_s", big, max(3, repeats // 10))):
-        for _ in range(3):
-            pingpong(t)
-        samples = []
-        for _ in range(n):
-            dist.barrier()
-            start = time.perf_counter()
-            pingpong(t)
-            samples.append((time.perf_counter() - start) / 2)
-        out[name] = statistics.median(samples)
-    out["bandwidth_Bps"] = big.numel() * big.element_size() / max(out["big_s"] - out["latency_s"], 1e-9)
-    return out
 
 
 def strategy_run(world, schedule, micro, partition, steps, batch, width, x, y):
@@ -154,7 +126,8 @@ def body(rank, world, args):
     out = {"overhead": [], "bubble": {}, "partition": {}}
     only = set(args.only.split(","))
     if "link" in only:
-        out["link"] = measure_link(rank)
+        link = measure_link(dist.group.WORLD, repeats=50)
+        out["link"] = {"latency_s": link.latency_s, "bandwidth_Bps": link.bandwidth_Bps}
     # (a) overhead: raw loop vs strategy, interleaved
     for _ in range(args.repeats if "overhead" in only else 0):
         for kind in ("raw", "strategy"):
@@ -255,6 +228,15 @@ def _print_bubble(args, res):
                      "p2p KiB sent/rank": r["bytes"]["sent"] / 1024})
     print(format_table(rows))
     print("(recv wait / send / other: fractions of the schedule step; outside: time between steps outside it)")
+    try:
+        from lightning_distnn.parallel.pipeline.timeline import split_waits
+    except ImportError:  # before issue 15
+        return
+    if res.get("records"):
+        waits = split_waits(res["records"])
+        print(f"1F1B m={args.micro}, last step, receive waits per rank: " + "; ".join(
+            f"rank {r}: waiting for the producer {1e3 * w['dependency']:.2f} ms, transfer {1e3 * w['transfer']:.2f} ms"
+            for r, w in sorted(waits.items())))
 
 
 def _print_partition(args, res):

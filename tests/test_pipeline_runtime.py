@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_distnn.parallel.pipeline import BatchSplit, apply_pipeline, split_batch
-from lightning_distnn.partition.model import uniform
+from lightning_distnn.parallel.pipeline import BatchSplit, apply_pipeline, auto_microbatches, measure_link, split_batch
+from lightning_distnn.partition.model import LinkCost, balanced, uniform
 from lightning_distnn.testing import assert_state_dicts_close, run_distributed
 
 MICRO, BATCH, LR = 4, 8, 0.1
@@ -60,19 +60,24 @@ def _train(step_fn, params, n: int, accumulate: int) -> None:
             optimizer.step()
 
 
-def _reference(n: int, accumulate: int) -> nn.Sequential:
+def _reference(n: int, accumulate: int) -> tuple[nn.Sequential, list[float]]:
+    """One process: the trained network and each batch's mean loss."""
     net = copy.deepcopy(_net())
     x, y = _data(n)
+    losses = []
 
     def step(sl):
-        (nn.functional.cross_entropy(net(x[sl]), y[sl]) / accumulate).backward()
+        loss = nn.functional.cross_entropy(net(x[sl]), y[sl])
+        losses.append(loss.item())
+        (loss / accumulate).backward()
 
     _train(step, net.parameters(), n, accumulate)
-    return net
+    return net, losses
 
 
 def _run_cases(rank: int, world: int) -> list[dict]:
-    out = []
+    link = measure_link(dist.group.WORLD, repeats=5, big_bytes=1 << 16)
+    out = [{"latency": link.latency_s, "bandwidth": link.bandwidth_Bps}]
     for schedule, n, accumulate in CASES:
         net = _net()
         stages = 2 if schedule in ("gpipe", "1f1b") else 4
@@ -89,9 +94,12 @@ def _run_cases(rank: int, world: int) -> list[dict]:
         x, y = _data(n)
         splits = []
 
+        losses = []
+
         def step(sl):
             pipe.train_step(x[sl], y[sl])
             splits.append(pipe.last_split)
+            losses.append(None if pipe.last_loss is None else float(pipe.last_loss))
 
         _train(step, [p for m in pipe.modules for p in m.parameters()], n, accumulate)
         state = {k: v.detach().clone() for m in pipe.modules for k, v in m.state_dict().items()}
@@ -102,16 +110,19 @@ def _run_cases(rank: int, world: int) -> list[dict]:
         out.append({
             "state": state, "splits": splits, "eval": evals, "last": pipe.is_last, "bubble": pipe.bubble(),
             "breakdown": pipe.breakdown(), "kinds": {r.kind for r in pipe.timeline.records},
-            "stages": pipe.stage_indices,
+            "stages": pipe.stage_indices, "losses": losses,
         })
     return out
 
 
 def test_ragged_batches_equal_one_process():
     per_rank = run_distributed(_run_cases, 2, init_process_group=True, timeout=420)
+    for r in per_rank:  # the measured link (both ranks take part)
+        link = r.pop(0)
+        assert link["latency"] > 0 and link["bandwidth"] > 0
     for i, (schedule, n, accumulate) in enumerate(CASES):
         where = f"schedule={schedule}, {n} samples, accumulate_grad_batches={accumulate}"
-        ref = _reference(n, accumulate)
+        ref, ref_losses = _reference(n, accumulate)
         merged = {}
         for r in per_rank:
             assert not set(merged) & set(r[i]["state"]), f"{where}: a layer is on two ranks"
@@ -121,6 +132,9 @@ def test_ragged_batches_equal_one_process():
             assert_state_dicts_close(merged, ref.state_dict(), atol=1e-5)
         except AssertionError as err:
             raise AssertionError(f"{where}: {err}") from None
+        # the last stage's rank reports each batch's mean loss (the reference's, at the same weights)
+        losses = [r[i]["losses"] for r in per_rank if r[i]["last"]][0]
+        assert losses == pytest.approx(ref_losses, abs=1e-5), where
         # the last batch really was short, and ran with fewer micro-batches
         last = per_rank[0][i]["splits"][-1]
         assert last.microbatches * last.micro_size == n % BATCH
@@ -205,3 +219,17 @@ def test_gantt_labels_do_not_overlap_at_m8_with_two_stages_per_rank():
     # waits have their own colour
     assert any(tuple(p.get_facecolor()[:3]) == matplotlib.colors.to_rgb(COLORS["R"]) for p in ax.patches)
     matplotlib.pyplot.close(fig)
+
+
+def test_auto_microbatches_follows_the_link():
+    plan = balanced([0.002] * 8, 2)
+    counts = [
+        auto_microbatches(plan, 64, profiled_batch=16, cut_bytes=[16 * 1024] * 8, link=LinkCost(latency, 1e9),
+                          schedule="1f1b", pp_size=2)
+        for latency in (1e-5, 1e-4, 1e-3, 1e-2)
+    ]
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1] >= 2  # 1F1B needs m >= pp
+    assert all(64 % m == 0 for m in counts)
+    with pytest.raises(ValueError, match="measured layer costs"):
+        auto_microbatches(uniform(8, 2), 64, profiled_batch=16, cut_bytes=[1] * 8, link=LinkCost(1e-4, 1e9),
+                          schedule="1f1b", pp_size=2)

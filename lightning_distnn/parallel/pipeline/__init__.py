@@ -6,9 +6,11 @@
 * :mod:`.wire`: the one header + data format for tensors of unknown shape (p2p and broadcast);
 * :mod:`.runtime`: :func:`apply_pipeline` -> :class:`Pipeline` (stages, cached schedules, steps),
   :func:`clip_grad_norm_across`, :func:`stage_module`;
+* :mod:`.auto`: measured inputs for automatic choices (:func:`measure_link`, :func:`auto_microbatches`);
 * :mod:`._private`: the one touch of private torch API (timing a stage's tasks).
 """
 
+from lightning_distnn.parallel.pipeline.auto import auto_microbatches, measure_link
 from lightning_distnn.parallel.pipeline.runtime import Pipeline, apply_pipeline, clip_grad_norm_across, stage_module
 from lightning_distnn.parallel.pipeline.schedules import (
     FALLBACK,
@@ -44,12 +46,14 @@ __all__ = [
     "TaskRecord",
     "Timeline",
     "apply_pipeline",
+    "auto_microbatches",
     "broadcast_tensor",
     "check_microbatches",
     "choose_microbatches",
     "clip_grad_norm_across",
     "count_problem",
     "local_stage_indices",
+    "measure_link",
     "min_microbatches",
     "modelled_step_seconds",
     "recv_tensor",

@@ -1,4 +1,4 @@
-"""Pipeline parallelism on ``torch.distributed.pipelining``: stages, schedules, checks, timeline.
+"""The pipeline runtime: this rank's stages, their cached schedules, and one step of them.
 
 Pure torch, no Lightning. :func:`apply_pipeline` takes an ``nn.Sequential``, a
 :class:`~lightning_distnn.partition.model.StagePlan` and the pipeline (``pp``) process group, and
@@ -17,8 +17,10 @@ Composition (the hybrid strategy): ``dp_group`` averages each stage's gradients 
 data-parallel replicas after the schedule step; ``stage_transform`` is applied to each stage
 module before it is wrapped (e.g. tensor parallelism).
 
-Timeline: every F/B/I/W task each local stage runs is recorded
-(:class:`~lightning_distnn.parallel.pipeline.timeline.TaskRecord`), so the schedule can be drawn (:mod:`lightning_distnn.pipeline_viz`) and its bubble measured.
+Timeline: every F/B/I/W task each local stage runs, and its receive waits and sends, are recorded
+(:class:`~lightning_distnn.parallel.pipeline.timeline.TaskRecord`), so the schedule can be drawn
+(:mod:`lightning_distnn.pipeline_viz`), its bubble measured and the step's time broken down
+(:meth:`Pipeline.breakdown`).
 """
 
 from __future__ import annotations
@@ -114,6 +116,9 @@ class Pipeline:
         # accumulate_grad_batches) makes that sum the gradient of the mean loss over the batch
         self._loss_divisor = float(microbatches)
         self.last_split: Optional[BatchSplit] = None
+        self.last_loss: Optional[torch.Tensor] = None
+        self._last_batch: Optional[tuple[str, int]] = None  # (mode, batch size) of the last step
+        self._output_like: dict[tuple[str, int], tuple[tuple[int, ...], torch.dtype]] = {}
         self.timeline = Timeline(rank=dist.get_rank())
         self.record_timeline = record_timeline
         self._io_bytes: dict[int, tuple[int, int]] = {}
@@ -178,32 +183,42 @@ class Pipeline:
         return hook
 
     # ---- running ------------------------------------------------------------------------
-    def train_step(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def train_step(
+        self, x: Optional[torch.Tensor], y: Optional[torch.Tensor], *, return_outputs: bool = True
+    ) -> Optional[torch.Tensor]:
         """Forward + backward of every micro-batch; gradients accumulate into the stage parameters.
 
         ``x`` is needed on the rank holding the first stage, ``y`` on the rank holding the last;
         every rank needs one of them for the batch size, which decides the split (pass both on
         every rank). The batch may have any size (:meth:`split`); the gradient is that of the
         mean loss over its samples, divided by ``accumulate_grad_batches``. Gradients are averaged
-        over ``dp_group`` afterwards.
+        over ``dp_group`` afterwards. On the last stage's rank, ``last_loss`` is then the batch's
+        mean loss (undivided); ``return_outputs=False`` skips merging the output micro-batches
+        (for a caller that needs the loss only).
         """
         reference = x if x is not None else y
         if reference is None:
             raise ValueError("Pipeline.train_step needs the inputs x or the targets y on every rank (for the batch size).")
         split = self.split(reference.shape[0])
+        self._last_batch = ("train", int(reference.shape[0]))
         if ("train", split.schedule, split.microbatches, split.micro_size) not in self._runners:
             self._building_steps.add(self.timeline.step + 1)
         _, schedule = self._runner("train", split)
         self.last_split = split
         self._loss_divisor = float(split.microbatches * self.accumulate_grad_batches)
+        losses: list = []
         if self.record_timeline:
             self.timeline.begin_step()
         output = schedule.step(
             *((x,) if self.is_first else ()),
             target=y if self.is_last else None,
+            losses=losses if self.is_last else None,
+            return_outputs=return_outputs,
         )
         if self.record_timeline:
             self.timeline.end_step()
+        # each micro-batch loss was divided by (count x accumulate_grad_batches): their sum x accumulate = the mean
+        self.last_loss = sum(l.detach() for l in losses) * self.accumulate_grad_batches if losses else None
         if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
             self.allreduce_gradients()
         return output
@@ -227,6 +242,7 @@ class Pipeline:
         training schedule's state. Returns the output on the last stage's rank, else ``None``.
         """
         split = self.split(batch_size)
+        self._last_batch = ("eval", int(batch_size))
         if self.schedule_name in V_SHAPED:
             # torch's V-schedule runtime runs its backward actions even in eval mode and fails:
             # evaluate by sending each micro-batch's activations stage to stage instead
@@ -255,10 +271,19 @@ class Pipeline:
         return torch.cat(outputs) if self.is_last else None
 
     def broadcast_output(self, output: Optional[torch.Tensor]) -> torch.Tensor:
-        """The last stage's output on every rank of the pp group (broadcast from its rank)."""
+        """The last stage's output of the last step (train or eval) on every rank of the pp group.
+
+        The shape and dtype are sent once per (train/eval, batch size) (every rank knows both for
+        its last step); later steps of that kind broadcast the data only.
+        """
         if self.pp_size == 1:
             return output
-        return broadcast_tensor(output, self.last_rank, self.group, self.device)
+        key = self._last_batch
+        like = self._output_like.get(key)
+        out = broadcast_tensor(output, self.last_rank, self.group, self.device, like=like)
+        if key is not None and like is None:
+            self._output_like[key] = (tuple(out.shape), out.dtype)
+        return out
 
     # ---- accounting ---------------------------------------------------------------------
     def comm_bytes_per_step(self, training: bool = True) -> dict[str, int]:
@@ -301,17 +326,7 @@ class Pipeline:
         ``recv_from_<stage>`` per source stage) + ``send`` + ``other`` (the schedule's own Python);
         ``outside`` is the time between steps outside the schedule (optimizer, the caller's loop).
         """
-        parts = [b for b in (self.timeline.breakdown(s) for s in self._measured_steps()) if b is not None]
-        if not parts:
-            return {k: math.nan for k in ("span", "compute", "recv_wait", "send", "other", "outside")}
-        out: dict[str, float] = {}
-        for key in ("span", "compute", "recv_wait", "send", "other"):
-            out[key] = sum(getattr(b, key) for b in parts) / len(parts)
-        outside = [b.outside for b in parts if not math.isnan(b.outside)]
-        out["outside"] = sum(outside) / len(outside) if outside else math.nan
-        for stage in sorted({p for b in parts for p in b.recv_from}):
-            out[f"recv_from_{stage}"] = sum(b.recv_from.get(stage, 0.0) for b in parts) / len(parts)
-        return out
+        return self.timeline.mean_breakdown(self._measured_steps())
 
     def bubble(self) -> dict[str, float]:
         """Measured idle fraction of this rank (mean over the measured steps), the theory, and the parts.

@@ -8,6 +8,11 @@ Stage placement (:func:`stage_ranks`):
 * V schedules (``zbv_zero_bubble``, ``dualpipev``, exactly 2 stages per rank): rank ``r`` holds
   stages ``r`` and ``2*pp - 1 - r``, so the first and the last stage both live on rank 0.
 
+Micro-batches: :func:`check_microbatches` validates the configured count before launch;
+:func:`split_batch` decides how a batch of any size runs (the largest equal split the schedule
+accepts, or its :data:`FALLBACK`); :func:`choose_microbatches` picks a count from measured compute
+and message latency (:func:`modelled_step_seconds`).
+
 Pure functions of names and numbers (no process group), so the launching process can validate a
 layout before any process starts.
 """

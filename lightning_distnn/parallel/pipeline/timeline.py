@@ -139,6 +139,18 @@ class Timeline:
             recv_from=dict(recv_from),
         )
 
+    def mean_breakdown(self, steps: list[int]) -> dict[str, float]:
+        """Mean seconds per step of each part of :meth:`breakdown` over ``steps`` (``recv_from_<stage>`` too)."""
+        parts = [b for b in (self.breakdown(s) for s in steps) if b is not None]
+        if not parts:
+            return {k: math.nan for k in ("span", "compute", "recv_wait", "send", "other", "outside")}
+        out = {k: sum(getattr(b, k) for b in parts) / len(parts) for k in ("span", "compute", "recv_wait", "send", "other")}
+        outside = [b.outside for b in parts if not math.isnan(b.outside)]
+        out["outside"] = sum(outside) / len(outside) if outside else math.nan
+        for stage in sorted({p for b in parts for p in b.recv_from}):
+            out[f"recv_from_{stage}"] = sum(b.recv_from.get(stage, 0.0) for b in parts) / len(parts)
+        return out
+
 
 def split_waits(records: list[TaskRecord], step: Optional[int] = None) -> dict[int, dict[str, float]]:
     """Per rank, its receive waits of one step split into ``dependency`` and ``transfer`` seconds.

@@ -59,16 +59,31 @@ def recv_tensor(group_src: int, group: dist.ProcessGroup, device: torch.device) 
 
 
 def broadcast_tensor(
-    t: Optional[torch.Tensor], group_src: int, group: dist.ProcessGroup, device: torch.device
+    t: Optional[torch.Tensor],
+    group_src: int,
+    group: dist.ProcessGroup,
+    device: torch.device,
+    *,
+    like: Optional[tuple[tuple[int, ...], torch.dtype]] = None,
 ) -> torch.Tensor:
-    """``t`` from the rank ``group_src`` of ``group`` on every rank of it (others pass ``None``)."""
-    if dist.get_rank(group) == group_src:
-        header = header_of(t, device)
-    else:
-        header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
-    dist.broadcast(header, group=group, group_src=group_src)
-    if dist.get_rank(group) != group_src:
-        t = empty_from_header(header, device)
+    """``t`` from the rank ``group_src`` of ``group`` on every rank of it (others pass ``None``).
+
+    ``like`` = (shape, dtype) known on every rank skips the header broadcast (one collective less);
+    every rank must pass the same ``like``.
+    """
+    src = dist.get_rank(group) == group_src
+    if like is None:
+        header = header_of(t, device) if src else torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
+        dist.broadcast(header, group=group, group_src=group_src)
+        if not src:
+            t = empty_from_header(header, device)
+    elif not src:
+        t = torch.empty(like[0], dtype=like[1], device=device)
+    elif tuple(t.shape) != tuple(like[0]) or t.dtype != like[1]:
+        raise ValueError(
+            f"broadcast_tensor(like={like}) got a tensor of shape {tuple(t.shape)} and dtype {t.dtype} on the source "
+            "rank: the output shape changed between steps of the same batch size; pass like=None."
+        )
     t = t.detach().contiguous()
     dist.broadcast(t, group=group, group_src=group_src)
     return t
