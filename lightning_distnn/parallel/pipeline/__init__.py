@@ -7,7 +7,7 @@
 * :mod:`.runtime`: :func:`apply_pipeline` -> :class:`Pipeline` (stages, cached schedules, steps),
   :func:`clip_grad_norm_across`, :func:`stage_module`;
 * :mod:`.auto`: measured inputs for automatic choices (:func:`measure_link`, :func:`auto_microbatches`);
-* :mod:`._private`: the one touch of private torch API (timing a stage's tasks).
+* private torch APIs (timing a stage's tasks and its p2p waits) go through :mod:`lightning_distnn._compat`.
 """
 
 from lightning_distnn.parallel.pipeline.auto import auto_microbatches, measure_link

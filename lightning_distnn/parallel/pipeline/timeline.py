@@ -24,7 +24,7 @@ from typing import Optional
 
 from torch.distributed.pipelining import PipelineStage
 
-from lightning_distnn.parallel.pipeline._private import time_stage_p2p, wrap_stage_tasks
+from lightning_distnn._compat import time_stage_p2p, wrap_stage_tasks
 
 COMPUTE = ("F", "B", "I", "W")
 COMM = ("R", "S")
@@ -91,12 +91,12 @@ class Timeline:
         self.spans[self.step] = (start, time.perf_counter())
 
     def add(self, stage: int, microbatch: int, kind: str, start: float, end: float) -> None:
-        """Record a compute task (the callback of :func:`~._private.wrap_stage_tasks`)."""
+        """Record a compute task (the callback of :func:`lightning_distnn._compat.wrap_stage_tasks`)."""
         if self.step >= 0:
             self.records.append(TaskRecord(self.step, self.rank, stage, microbatch, kind, start, end))
 
     def add_comm(self, stage: int, peer: int, microbatch: int, kind: str, start: float, end: float) -> None:
-        """Record a receive wait or a send (the callback of :func:`~._private.time_stage_p2p`)."""
+        """Record a receive wait or a send (the callback of :func:`lightning_distnn._compat.time_stage_p2p`)."""
         if self.step >= 0:
             self.records.append(TaskRecord(self.step, self.rank, stage, microbatch, kind, start, end, peer))
 
