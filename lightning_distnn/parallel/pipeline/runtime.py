@@ -13,9 +13,9 @@ built once and cached), and each micro-batch loss is divided by the count actual
 summed gradient is that of the mean loss over the batch whatever the split. Stage placement:
 :func:`~lightning_distnn.parallel.pipeline.schedules.stage_ranks`.
 
-Composition (the hybrid strategy): ``dp_group`` averages each stage's gradients over the
-data-parallel replicas after the schedule step; ``stage_transform`` is applied to each stage
-module before it is wrapped (e.g. tensor parallelism).
+Composition (:func:`lightning_distnn.parallel.parallelize.parallelize`): ``stage_transform`` is
+applied to each stage module before it is wrapped (tensor parallelism); the data-parallel gradient
+sync of the stages is the composer's (``GradientSync``), after :meth:`Pipeline.train_step`.
 
 Timeline: every F/B/I/W task each local stage runs, and its receive waits and sends, are recorded
 (:class:`~lightning_distnn.parallel.pipeline.timeline.TaskRecord`), so the schedule can be drawn
@@ -34,7 +34,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
-from lightning_distnn.parallel.collectives import flat_average_
 from lightning_distnn.parallel.pipeline.schedules import (
     LOOPED,
     SCHEDULES,
@@ -92,7 +91,6 @@ class Pipeline:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         group: dist.ProcessGroup,
         device: torch.device,
-        dp_group: Optional[dist.ProcessGroup],
         record_timeline: bool,
     ) -> None:
         self.plan = plan
@@ -101,7 +99,6 @@ class Pipeline:
         self.schedule_name = schedule
         self.microbatches = microbatches
         self.group = group
-        self.dp_group = dp_group
         self.device = device
         self.pp_size = dist.get_world_size(group)
         self.pp_rank = dist.get_rank(group)
@@ -128,7 +125,6 @@ class Pipeline:
         # (mode, schedule, micro-batch count, micro-batch size), so a short last batch or an eval batch gets its own
         self._runners: dict[tuple[str, str, int, int], tuple[list[PipelineStage], Any]] = {}
         self._building_steps: set[int] = set()  # timeline steps that built a schedule (not measured)
-        self.grad_compression: Optional[str] = None  # "fp16" / "bf16": the dp all-reduce in half precision
 
     @property
     def grad_divisor(self) -> float:
@@ -191,8 +187,7 @@ class Pipeline:
         ``x`` is needed on the rank holding the first stage, ``y`` on the rank holding the last;
         every rank needs one of them for the batch size, which decides the split (pass both on
         every rank). The batch may have any size (:meth:`split`); the gradient is that of the
-        mean loss over its samples, divided by ``accumulate_grad_batches``. Gradients are averaged
-        over ``dp_group`` afterwards. On the last stage's rank, ``last_loss`` is then the batch's
+        mean loss over its samples, divided by ``accumulate_grad_batches``. On the last stage's rank, ``last_loss`` is then the batch's
         mean loss (undivided); ``return_outputs=False`` skips merging the output micro-batches
         (for a caller that needs the loss only).
         """
@@ -219,20 +214,7 @@ class Pipeline:
             self.timeline.end_step()
         # each micro-batch loss was divided by (count x accumulate_grad_batches): their sum x accumulate = the mean
         self.last_loss = sum(l.detach() for l in losses) * self.accumulate_grad_batches if losses else None
-        if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
-            self.allreduce_gradients()
         return output
-
-    def allreduce_gradients(self) -> None:
-        """Average the stage gradients over the data-parallel group (one flat all-reduce).
-
-        Tensor-parallel (DTensor) gradients are reduced through their local shards: the dp peers of
-        a rank hold the same shard. ``grad_compression`` ("fp16"/"bf16") sends the buffer in half
-        precision.
-        """
-        grads = [p.grad for m in self.modules for p in m.parameters() if p.grad is not None]
-        wire = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.grad_compression or "")
-        flat_average_(grads, group=self.dp_group, wire_dtype=wire)
 
     @torch.no_grad()
     def forward(self, x: Optional[torch.Tensor], batch_size: int) -> Optional[torch.Tensor]:
@@ -291,8 +273,7 @@ class Pipeline:
 
         Per micro-batch, an activation crosses every stage boundary whose two stages sit on
         different ranks, and in training its gradient crosses back. Counted from the input and
-        output sizes each local stage saw in its last forward, times the micro-batches; the
-        gradient all-reduce over ``dp_group`` (if any) is reported as ``allreduce``.
+        output sizes each local stage saw in its last forward, times the micro-batches.
         """
         ranks = self.plan.stage_ranks
         sent = received = 0
@@ -306,12 +287,7 @@ class Pipeline:
             if index < self.num_stages - 1 and ranks[index + 1] != self.pp_rank:
                 sent += out_bytes
                 received += out_bytes if training else 0
-        out = {"sent": sent * self.microbatches, "received": received * self.microbatches}
-        if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
-            n = dist.get_world_size(self.dp_group)
-            params = sum(p.numel() * p.element_size() for m in self.modules for p in m.parameters())
-            out["allreduce"] = int(2 * (n - 1) / n * params)
-        return out
+        return {"sent": sent * self.microbatches, "received": received * self.microbatches}
 
     def _measured_steps(self) -> list[int]:
         """Finished steps kept in the timeline, without those that built a schedule (shape inference, warm-up)."""
@@ -375,7 +351,6 @@ def apply_pipeline(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     schedule: str = "1f1b",
     microbatches: int = 4,
-    dp_group: Optional[dist.ProcessGroup] = None,
     stage_transform: Optional[Callable[[nn.Module], Optional[nn.Module]]] = None,
     record_timeline: bool = True,
 ) -> Pipeline:
@@ -413,6 +388,5 @@ def apply_pipeline(
         loss_fn=loss_fn,
         group=group,
         device=device,
-        dp_group=dp_group,
         record_timeline=record_timeline,
     )
