@@ -94,12 +94,12 @@ def test_config_comment_lists_the_current_options():
 
 
 def test_missing_dataset_fails_before_any_process(tmp_path):
-    cfg = _compose(["data=sqlite", f"data.path={tmp_path / 'missing.sqlite'}", "experiment=quick"])
-    OmegaConf.set_struct(cfg, False)
-    cfg.output_dir = str(tmp_path)
+    # one process: should the check ever be skipped, fit fails here instead of re-launching pytest as rank 1
+    one = ["experiment=quick", "trainer.devices=1", "strategy=single", f"output_dir={tmp_path}"]
+    cfg = _compose(["data=sqlite", f"data.path={tmp_path / 'missing.sqlite'}", *one])
     with pytest.raises(DataCheckError, match="missing.sqlite.*distnn-to-sqlite"):
         train(cfg)
-    cfg = _compose(["data=cifar10", f"data.data_dir={tmp_path}", "experiment=quick"])
+    cfg = _compose(["data=cifar10", f"data.data_dir={tmp_path}", *one])
     with pytest.raises(DataCheckError, match="CIFAR-10 files missing"):
         train(cfg)
     assert not (tmp_path / "csv").exists()  # failed before the trainer existed

@@ -88,7 +88,7 @@ def run_layout(layout: str, overrides: list[str], log_dir: Path) -> dict[str, An
 
 
 def row(layout: str, m: dict[str, Any]) -> dict[str, Any]:
-    sent = [r.get("sent", 0.0) + r.get("allreduce", 0.0) for r in m.get("comm_bytes_per_step", [])]
+    sent = m.get("bytes_sent_per_step", [])  # per rank, as distnn-train sums them
     bubble = m.get("pipeline_bubble", [{}])[0] if m.get("pipeline_bubble") else {}
     params = m.get("params_per_rank", [])
     return {
