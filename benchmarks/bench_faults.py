@@ -223,12 +223,49 @@ def bench_save(workdir: str, every: int = 5, steps: int = 40) -> dict:
     return out
 
 
+def bench_save_one_process(workdir: str, repeats: int = 5) -> dict:
+    """One process, no Lightning: the call that blocks training, async (with background staging) vs sync."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    from lightning_distnn.checkpoint import save_distributed, save_distributed_async
+    from lightning_distnn.testing.equivalence import tiny_classifier
+
+    torch.manual_seed(0)
+    model = tiny_classifier(conv_filters=64, fc_width=1024, image_size=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(32, 3, 16, 16)
+    model(x).sum().backward()
+    opt.step()
+    stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False, use_async_staging=True,
+                                          use_non_blocking_copy=False))
+    sync_ms, async_ms = [], []
+    for i in range(repeats):
+        start = time.perf_counter()
+        future = save_distributed_async(os.path.join(workdir, f"one-async-{i}"), model, [opt], stager=stager)
+        called = time.perf_counter()
+        model(x).sum().backward()  # the next step's forward/backward overlaps the copy and the write
+        waited = time.perf_counter()
+        future.staged.result()  # before the optimizer step
+        async_ms.append(1000 * (called - start + time.perf_counter() - waited))
+        future.result()
+        start = time.perf_counter()
+        save_distributed(os.path.join(workdir, f"one-sync-{i}"), model, [opt])
+        sync_ms.append(1000 * (time.perf_counter() - start))
+    stager.close()
+    params = sum(p.numel() for p in model.parameters())
+    return {"sync_ms": sorted(sync_ms)[repeats // 2], "async_ms": sorted(async_ms)[repeats // 2], "params": params}
+
+
 def bench(args) -> None:
     import tempfile
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_faults_")
     print(f"# bench_faults (work dir {workdir}; 2 CPU gloo processes per node, tiny CNN)")
     if "save" in args.parts:
+        one = bench_save_one_process(workdir)
+        print(f"\none process, {one['params'] / 1e6:.2f} M parameters + momentum (median of 5): training blocked "
+              f"{one['sync_ms']:.1f} ms by a synchronous save, {one['async_ms']:.1f} ms by an asynchronous one "
+              f"(async/sync = {one['async_ms'] / one['sync_ms']:.2f})")
         res = bench_save(workdir)
         sync, asyn, none = res["sync"], res["async"], res["none"]
         print("\n| save | training loop blocked per checkpoint (ms) | ratio to sync | fit time (s) | ratio to no checkpoints |")
@@ -256,13 +293,14 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("victim", help="train and kill/stop one rank at a step")
     v.add_argument("--strategy", choices=sorted(STRATEGY_WORLD), default="dp")
-    v.add_argument("--signal", choices=["KILL", "STOP"], default="KILL")
+    v.add_argument("--send", "--signal", dest="signal", choices=["KILL", "STOP"], default="KILL",
+                   help="the signal the victim sends itself (--send under torchrun, whose --signals-to-handle clashes)")
     v.add_argument("--victim", type=int, default=1)
     v.add_argument("--at-step", type=int, default=3)
     v.add_argument("--steps", type=int, default=40)
     v.add_argument("--timeout", type=float, default=20.0)
     v.add_argument("--grace", type=float, default=2.0)
-    v.add_argument("--monitor", action="store_true")
+    v.add_argument("--fault-monitor", "--monitor", dest="monitor", action="store_true")
     v.add_argument("--hang-after", type=float, default=None, help="FaultMonitor(hang_after=...), default: timeout")
     v.set_defaults(fn=victim)
     e = sub.add_parser("elastic", help="one attempt of an elastic run (start it with torchrun)")

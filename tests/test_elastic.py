@@ -55,6 +55,7 @@ def _field(out, pattern):
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_node_lost_restart_on_survivors_matches_run_from_same_checkpoint(tmp_path):
     K, KILL_AT, STEPS = 5, 13, 24
     run, ref = tmp_path / "run", tmp_path / "ref"

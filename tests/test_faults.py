@@ -162,6 +162,7 @@ def _mesh_timeouts(rank, world_size):
     return out
 
 
+@pytest.mark.slow
 def test_sub_mesh_groups_get_the_timeout():
     results = run_distributed(_mesh_timeouts, 4, init_process_group=True, pg_timeout=120, timeout=400)
     # torch's init_device_mesh: sub-mesh groups get gloo's default 30 minutes, not the world's 120 s
@@ -195,6 +196,7 @@ def _pids_of(out):
     return [int(w.split()[0]) for w in out.split(" pid ")[1:] if w.split()[0].isdigit()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["KILL", "STOP"])
 def test_dead_or_frozen_rank_under_lightning_launcher(sig):
     # collective timeout 300 s (start-up on a loaded machine); a frozen rank is declared hung after 10 s

@@ -62,8 +62,10 @@ def handle_failure(
             stopped_here = [c.pid for c in report.culprits if c.state == "stopped" and c.host == heartbeat.host]
             kill_processes(stopped_here)
     except Exception as exc:  # noqa: BLE001 - the store may be gone with its host; still end quietly
-        if heartbeat.rank == 0:
+        if heartbeat.rank == 0 and isinstance(exc, (dist.DistStoreError, ConnectionError, TimeoutError)):
             print(f"[distnn] rank 0 failed ({error}); the run's store is unreachable ({exc}).", file=sys.stderr)
+        else:
+            log.debug("fault report of rank %d failed: %r", heartbeat.rank, exc)
     finally:
         kill_processes(children)
         if exit:
