@@ -137,13 +137,13 @@ def _mesh_timeouts(rank, world_size):
     import torch
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lightning_distnn.faults import build_mesh_with_timeout
+    from lightning_distnn.mesh import ParallelDims
 
     def timeout_of(group):
         return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
 
     plain = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
-    mesh = build_mesh_with_timeout("cpu", (2, 2), ("dp", "pp"), timeout=3)
+    mesh = ParallelDims(dp=2, pp=2, tp=1, world_size=4).build_mesh("cpu", timeout=timedelta(seconds=3))
     out = {"plain": [timeout_of(plain.get_group(a)) for a in ("dp", "pp")],
            "ours": [timeout_of(mesh.get_group(a)) for a in ("dp", "pp")]}
     t = torch.ones(1)

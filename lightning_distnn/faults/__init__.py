@@ -17,13 +17,13 @@ Pieces (the strategies compose them; :class:`FaultMonitor` does it for any Light
 - :func:`exit_quietly` ends a process with a code and no traceback; :func:`die_with_parent` makes a
   child process die (SIGKILL) with the process that launched it; :func:`kill_processes` SIGKILLs
   children (a stopped process dies of SIGKILL too).
-- :func:`build_mesh_with_timeout` / :func:`set_mesh_timeout`: every group of a DeviceMesh gets the
-  configured timeout (torch's ``init_device_mesh`` creates sub-mesh groups with ``new_group(...,
-  timeout=None)``, i.e. torch's default of 30 minutes for gloo, not the world group's timeout).
+- Every group of the run's DeviceMesh gets the configured timeout in one place,
+  :meth:`lightning_distnn.mesh.ParallelDims.build_mesh` (torch's ``init_device_mesh`` creates
+  sub-mesh groups with ``new_group(..., timeout=None)``, i.e. torch's default of 30 minutes for gloo,
+  not the world group's timeout).
 """
 
 from lightning_distnn.faults.heartbeat import Beat, FaultReport, Heartbeat, RankState, diagnose, store_from_env
-from lightning_distnn.faults.mesh import build_mesh_with_timeout, set_mesh_timeout
 from lightning_distnn.faults.monitor import FaultMonitor, handle_failure
 from lightning_distnn.faults.process import die_with_parent, exit_quietly, kill_processes, process_state
 
@@ -33,13 +33,11 @@ __all__ = [
     "FaultReport",
     "Heartbeat",
     "RankState",
-    "build_mesh_with_timeout",
     "diagnose",
     "die_with_parent",
     "exit_quietly",
     "handle_failure",
     "kill_processes",
     "process_state",
-    "set_mesh_timeout",
     "store_from_env",
 ]
