@@ -30,6 +30,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import lightning_distnn  # noqa: F401  (registers the strategy names)
 from lightning_distnn.callbacks import RunStats, format_number, format_table
+from lightning_distnn.elastic import ElasticCheckpoint, resume_path
+from lightning_distnn.faults import FaultMonitor
 from lightning_distnn.models.networks import count_parameters
 from lightning_distnn.strategies import get_strategy
 
@@ -145,9 +147,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resolve_output_paths(cfg.get("strategy"), output_dir)
     strategy = build_strategy(cfg.get("strategy"))
     stats = RunStats()
+    callbacks: list[pl.Callback] = [stats]
+    if cfg.get("fault_monitor", True):
+        callbacks.append(FaultMonitor())  # a dead or hung rank: one message naming it, every process exits 1
+    checkpoint_dir = Path(cfg.get("checkpoint_dir") or "checkpoints")
+    if cfg.get("checkpoint_every_n_steps"):
+        callbacks.append(ElasticCheckpoint(checkpoint_dir, every_n_steps=int(cfg.checkpoint_every_n_steps)))
+    ckpt_path = resume_path(cfg.get("resume"), checkpoint_dir)
     logger = pl.loggers.CSVLogger(str(output_dir), name="csv", version="")
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, strategy=strategy, callbacks=[stats], logger=logger)
-    trainer.fit(model, datamodule=datamodule)
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=logger)
+    if ckpt_path is not None and trainer.is_global_zero:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("run_test", True):
         for result in trainer.test(model, datamodule=datamodule, verbose=False):

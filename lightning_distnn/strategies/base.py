@@ -131,7 +131,7 @@ class MeshStrategy(DDPStrategy):
             raise TypeError(f"{type(self).__name__}.save_checkpoint writes DCP directories and takes no storage_options.")
         path = Path(self.broadcast(str(filepath)))
         extra = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-        save_distributed(path, self.lightning_module, self._raw_optimizers(), extra=extra)
+        save_distributed(path, self.lightning_module, self._raw_optimizers(), extra=extra, layout=self.describe())
 
     @override
     def remove_checkpoint(self, filepath) -> None:
