@@ -82,7 +82,17 @@ class AutoStrategy(HybridStrategy):
         self.global_batch: Optional[int] = None
 
     @override
-    def decide_layout(self) -> None:
+    def build_layout(self) -> None:
+        pass  # the layout is planned in setup, once the data module is set up (it supplies the example batch)
+
+    @override
+    def setup(self, trainer) -> None:
+        if self.parallel_dims is None:
+            self._plan()
+            super().build_layout()
+        super().setup(trainer)
+
+    def _plan(self) -> None:
         from lightning_distnn.planner import plan_layout
 
         module = self.lightning_module

@@ -81,14 +81,13 @@ class MeshStrategy(DDPStrategy):
         self.check_model(model)
         super().connect(model)
 
-    def decide_layout(self) -> None:
-        """Called once per process between the process group's start and the mesh: a strategy that
-        chooses its layout at run time (the planner's ``distnn_auto``) sets its degrees here."""
-
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
-        self.decide_layout()
+        self.build_layout()
+
+    def build_layout(self) -> None:
+        """Build this run's layout and its mesh (once per process; ``setup_environment`` calls it)."""
         self.parallel_dims = self.layout(self.world_size)
         self.check_layout(self.parallel_dims)
         self.parallel_dims.build_mesh(device_type_of(self.root_device), timeout=strategy_timeout(self))
