@@ -59,7 +59,9 @@ class RunStats(pl.Callback):
         for key, method in (("comm_bytes_per_step", "comm_bytes_per_step"), ("pipeline_bubble", "pipeline_bubble")):
             report = getattr(trainer.strategy, method, None)
             if callable(report):
-                self.stats[key] = gather_object(report())
+                reports = gather_object(report())
+                if any(r is not None for r in reports):  # e.g. no pipeline bubble without a pipeline
+                    self.stats[key] = reports
         if trainer.logger is not None:
             trainer.logger.log_metrics({"perf/images_per_s": ips}, step=trainer.global_step)
 

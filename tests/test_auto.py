@@ -60,6 +60,6 @@ def test_auto_equals_its_layout_by_hand_and_one_process(tmp_path):
     assert results[0]["chosen"] == results[1]["chosen"]  # every rank planned the same layout
     assert results[0]["ranked"] >= 2  # it compared layouts (dp2 and pp2 at least)
     for r in results:
-        assert "(planned)" in r["describe"]
+        assert r["describe"].startswith("AutoStrategy(planned: ")
         assert_state_dicts_close(r["auto"], r["hand"], atol=1e-5)
         assert_state_dicts_close(r["auto"], expected, atol=1e-5)

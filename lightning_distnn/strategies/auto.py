@@ -146,4 +146,5 @@ class AutoStrategy(HybridStrategy):
 
     @override
     def describe(self) -> str:
-        return super().describe().replace(type(self).__name__, f"{type(self).__name__} (planned)", 1)
+        inner = super().describe()[len(type(self).__name__) + 1 : -1]
+        return f"{type(self).__name__}(planned: {inner})" if self.plan is not None else f"{type(self).__name__}(not planned yet)"

@@ -32,7 +32,6 @@ reason (use the data-parallel strategies for them).
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -404,11 +403,10 @@ class HybridStrategy(MeshStrategy):
         :meth:`~lightning_distnn.parallel.parallelize.ParallelNet.comm_bytes_per_step`); zero before the first batch."""
         return self.net.comm_bytes_per_step() if self.net is not None else {"sent": 0, "received": 0}
 
-    def pipeline_bubble(self) -> dict[str, float]:
-        """Measured idle fraction of this rank in recent training steps, beside the theoretical one."""
-        if self.pipeline is None:
-            return {"measured": math.nan, "theory": math.nan}
-        return self.pipeline.bubble()
+    def pipeline_bubble(self) -> Optional[dict[str, float]]:
+        """Measured idle fraction of this rank in recent training steps, beside the theoretical one and
+        its parts (``Pipeline.bubble``); ``None`` when the layout has no pipeline."""
+        return self.pipeline.bubble() if self.pipeline is not None else None
 
     def gather_timeline(self) -> list:
         """Task records of every rank for the recorded steps (a collective: all ranks call it)."""
