@@ -18,6 +18,7 @@ from lightning_distnn.testing.equivalence import (
     cpu_state_dict,
     digits_tensors,
     quiet_trainer,
+    reference_epochs,
     reference_train,
     tiny_classifier,
 )
@@ -272,13 +273,11 @@ def _ps_fit(rank, world_size, path, resume, kwargs):
     "and import_state(optimizer) after a restore (e.g. in on_train_start); see the tests report",
 )
 def test_ps_checkpoint_resumes_weights_and_momentum(tmp_path):
-    from tests.test_hybrid import _reference_two_epochs
-
     path = str(tmp_path / "ps")
     kwargs = {"num_servers": 2}
     run_distributed(_ps_fit, 2, path, False, kwargs, timeout=240)
     results = run_distributed(_ps_fit, 2, path, True, kwargs, timeout=240)
-    expected = _reference_two_epochs(conv_filters=4)
+    expected = reference_epochs(tiny_classifier(seed=0, conv_filters=4), *digits_tensors(32), 16, 2)
     for global_step, state in results:
         assert global_step == 4
         assert_state_dicts_close(state, expected, atol=1e-5)
