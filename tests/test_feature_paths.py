@@ -6,10 +6,9 @@ import copy
 from functools import partial
 
 import lightning.pytorch as pl
-import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import lightning_distnn  # noqa: F401
 from lightning_distnn.models import SplitClassifier

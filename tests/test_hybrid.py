@@ -1,7 +1,5 @@
 """HybridStrategy: dp x pp x tp equivalence with one process; resharding checkpoints; errors."""
 
-import copy
-
 import pytest
 import torch
 
@@ -13,8 +11,8 @@ from lightning_distnn.testing.equivalence import (
     cpu_state_dict,
     digits_tensors,
     quiet_trainer,
+    reference_epochs,
     reference_train,
-    sampler_order,
     tiny_classifier,
 )
 
@@ -23,7 +21,10 @@ LAYOUTS = {  # name -> HybridStrategy kwargs (4 processes each)
     "dp2xpp2": dict(dp=2, pp=2, tp=1, microbatches=2, partition="uniform"),
     "dp2xtp2": dict(dp=2, pp=1, tp=2),
     "pp2xtp2": dict(dp=1, pp=2, tp=2, microbatches=2, partition="uniform"),
+    # clipping by the whole model's norm with dp > 1 (norm over the stages, after the dp average)
+    "dp2xpp2_clip": dict(dp=2, pp=2, tp=1, microbatches=2, partition="uniform"),
 }
+CLIP = {"dp2xpp2_clip": 0.05}
 
 
 def _local_state(strategy, module):
@@ -56,7 +57,7 @@ def _train_layouts(rank, world_size, layouts):
         kwargs = LAYOUTS[name]
         module = tiny_classifier(seed=0)
         strategy = HybridStrategy(timeout=60, **kwargs)
-        trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS)
+        trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS, gradient_clip_val=CLIP.get(name))
         trainer.fit(module, datamodule=FixedDataModule(x, y, GLOBAL_BATCH // kwargs["dp"]))
         out[name] = _local_state(strategy, module)
         dims = strategy.parallel_dims
@@ -69,14 +70,19 @@ def test_hybrid_layouts_match_single_process():
     results = run_distributed(_train_layouts, 4, list(LAYOUTS), timeout=500)
     x, y = digits_tensors(STEPS * GLOBAL_BATCH)
     expected = reference_train(tiny_classifier(seed=0), x, y, GLOBAL_BATCH, STEPS)
+    from tests.test_pipeline import _reference_with_clip
+
+    clipped = {k: v.detach() for k, v in _reference_with_clip(STEPS, CLIP["dp2xpp2_clip"])[0].net.state_dict().items()}
+    assert max((clipped[k] - expected[k]).abs().max().item() for k in expected) > 1e-4  # the clip bites
     for name, kwargs in LAYOUTS.items():
+        want = clipped if name in CLIP else expected
         for result in results:
             assert result[name + "/dims"] == (kwargs["dp"], kwargs["pp"], kwargs["tp"])
         replicas = _replicas([result[name] for result in results])
         assert sorted(replicas) == list(range(kwargs["dp"])), (name, sorted(replicas))
         for replica, state in replicas.items():  # every replica, replica 0 included
             try:
-                assert_state_dicts_close(state, expected, atol=1e-5)
+                assert_state_dicts_close(state, want, atol=1e-5)
             except AssertionError as err:
                 raise AssertionError(f"layout {name}, dp replica {replica}: {err}") from None
 
@@ -88,18 +94,7 @@ EPOCH_SAMPLES = 32  # 2 steps of 16 per epoch
 def _reference_two_epochs(epochs=2, **cnn):
     """One process, SGD with momentum, ``epochs`` epochs of 2 steps in the sampler's order."""
     x, y = digits_tensors(EPOCH_SAMPLES)
-    module = tiny_classifier(seed=0, **cnn)
-    ref = copy.deepcopy(module)
-    optimizer = ref.configure_optimizers()
-    for epoch in range(epochs):
-        order = sampler_order(EPOCH_SAMPLES, epoch=epoch)
-        xe, ye = x[order], y[order]
-        for step in range(EPOCH_SAMPLES // GLOBAL_BATCH):
-            sl = slice(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
-            optimizer.zero_grad()
-            ref.loss_fn(ref(xe[sl]), ye[sl]).backward()
-            optimizer.step()
-    return {k: v.detach().clone() for k, v in ref.net.state_dict().items()}
+    return reference_epochs(tiny_classifier(seed=0, **cnn), x, y, GLOBAL_BATCH, epochs)
 
 
 def _train_first_epoch_and_save(rank, world_size, path, kwargs, strategy_cls=HybridStrategy):

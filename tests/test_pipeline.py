@@ -21,19 +21,19 @@ from lightning_distnn.strategies import PipelineStrategy
 from lightning_distnn.checkpoint import load_distributed
 from lightning_distnn.callbacks import RunStats
 from lightning_distnn.testing import assert_state_dicts_close, run_distributed
-from lightning_distnn.testing.wire import WireCounter
-from tests.test_hybrid import _reference_two_epochs
+from lightning_distnn.testing.wire import step_window
 from lightning_distnn.testing.equivalence import (
     FixedDataModule,
     digits_tensors,
     quiet_trainer,
+    reference_epochs,
     reference_train,
     sampler_order,
     tiny_classifier,
 )
 
 STEPS, GLOBAL_BATCH, MICRO = 3, 16, 4
-EPOCH_SAMPLES = 32  # the checkpoint test: 2 steps per epoch (tests.test_hybrid._reference_two_epochs)
+EPOCH_SAMPLES = 32  # the checkpoint test: 2 steps per epoch
 # (schedule, partition, gradient_clip_val): every schedule, 2 ranks, 2 stages per rank for looped/V ones
 CASES = [
     ("gpipe", "uniform", None),
@@ -57,10 +57,10 @@ def _train_every_schedule(rank, world_size, cases, ckpt_path):
     for i, (schedule, partition, clip) in enumerate(cases):
         module = tiny_classifier(seed=0)
         strategy = PipelineStrategy(schedule=schedule, microbatches=MICRO, partition=partition, timeout=60)
-        stats = RunStats(warmup_steps=1)
-        trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS, gradient_clip_val=clip, callbacks=[stats])
-        with WireCounter() as wire:
-            trainer.fit(module, datamodule=FixedDataModule(x[: STEPS * GLOBAL_BATCH], y[: STEPS * GLOBAL_BATCH], GLOBAL_BATCH))
+        stats, window = RunStats(warmup_steps=1), step_window(STEPS - 1)  # the last step (no shape inference)
+        trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS, gradient_clip_val=clip,
+                                callbacks=[stats, window])
+        trainer.fit(module, datamodule=FixedDataModule(x[: STEPS * GLOBAL_BATCH], y[: STEPS * GLOBAL_BATCH], GLOBAL_BATCH))
         last_step = strategy.pipeline.timeline.of_step()
         results[i] = {
             "state": _local_net_state(module),
@@ -70,7 +70,7 @@ def _train_every_schedule(rank, world_size, cases, ckpt_path):
             "bubble": strategy.pipeline_bubble(),
             "bytes": strategy.comm_bytes_per_step(),
             "tasks": sorted((r.stage, r.microbatch, r.kind) for r in last_step),
-            "wire": (wire.bytes(["isend"]) / STEPS, wire.bytes(["irecv"]) / STEPS),
+            "wire": (window.wire.bytes(["isend"]), window.wire.bytes(["irecv"])),
             "images": stats.images,
         }
 
@@ -179,7 +179,8 @@ def test_every_schedule_matches_single_process(tmp_path):
             assert per_rank[0][i]["plan"] == partition
         stages_per_rank = 1 if schedule in ("gpipe", "1f1b") else 2
         for rank, r in enumerate(per_rank):
-            assert r[i]["bubble"]["theory"] == pytest.approx(theoretical_bubble(schedule, 2, MICRO, stages_per_rank))
+            want_theory = theoretical_bubble(schedule, 2, MICRO, stages_per_rank)  # nan where no closed form
+            assert r[i]["bubble"]["theory"] == pytest.approx(want_theory, nan_ok=True)
             assert 0.0 <= r[i]["bubble"]["measured"] < 1.0
             # the bytes it reports are the bytes it handed to torch.distributed (isend/irecv), per step
             assert r[i]["wire"] == (r[i]["bytes"]["sent"], r[i]["bytes"]["received"]), (schedule, rank)
@@ -195,7 +196,7 @@ def test_every_schedule_matches_single_process(tmp_path):
         assert per_rank[0][i]["bytes"]["sent"] == per_rank[1][i]["bytes"]["received"]
 
     # checkpoint resume (weights, momentum, step) equals uninterrupted training, in the pipeline and in a hybrid
-    expected4 = _reference_two_epochs()
+    expected4 = reference_epochs(tiny_classifier(seed=0), *digits_tensors(EPOCH_SAMPLES), GLOBAL_BATCH, 2)
     resumed = {}
     for r in per_rank:
         assert r["resumed"][0] == 4 and r["hybrid_resumed"][0] == 4
@@ -205,7 +206,8 @@ def test_every_schedule_matches_single_process(tmp_path):
     # the checkpoint holds the full model: it loads into an unsplit module (= the reference after 1 epoch)
     full = ImageClassifier(tiny_classifier(seed=1).net)
     load_distributed(ckpt, full)  # a DCP directory keyed by the unsplit model's names, no process group
-    assert_state_dicts_close({k: v for k, v in full.net.state_dict().items()}, _reference_two_epochs(epochs=1), atol=1e-5)
+    first_epoch = reference_epochs(tiny_classifier(seed=0), *digits_tensors(EPOCH_SAMPLES), GLOBAL_BATCH, 1)
+    assert_state_dicts_close(dict(full.net.state_dict()), first_epoch, atol=1e-5)
 
     # validate / test / predict on the trained pipeline equal one process with the same weights
     ref = tiny_classifier(seed=0)

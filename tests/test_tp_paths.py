@@ -2,8 +2,6 @@
 (TensorParallelStrategy(plan=...) and HybridStrategy(tp_plan=...)), resume tp=1 -> tp=2 through
 Lightning, fp16/bf16 on the hybrid's data-parallel all-reduce."""
 
-import pytest
-import torch
 from torch.distributed.tensor import DTensor
 
 import lightning_distnn  # noqa: F401
@@ -13,10 +11,10 @@ from lightning_distnn.testing.equivalence import (
     FixedDataModule,
     digits_tensors,
     quiet_trainer,
+    reference_epochs,
     reference_train,
     tiny_classifier,
 )
-from tests.test_hybrid import _reference_two_epochs
 
 STEPS, GLOBAL_BATCH = 3, 16
 USER_PLAN = {"6.0": "replicate", "7.0": "replicate"}  # the automatic plan shards them colwise / rowwise
@@ -66,7 +64,7 @@ def test_tp_and_hybrid_paths(tmp_path):
     expected = reference_train(tiny_classifier(seed=0), x, y, GLOBAL_BATCH, STEPS)
     initial = tiny_classifier(seed=0).net.state_dict()
     movement = {k: (expected[k] - initial[k]).abs().max().item() for k in expected}
-    two_epochs = _reference_two_epochs()
+    two_epochs = reference_epochs(tiny_classifier(seed=0), *digits_tensors(32), 16, 2)
     for r in results:
         for name in ("tp_plan", "hybrid_plan"):
             state, shapes = r[name]

@@ -4,7 +4,6 @@ package reports (comm_bytes_per_step) and against sizes worked out here from the
 Not measurable this way: DDP's built-in all-reduce (no Python hook: C++ calls gloo directly); its
 count stays analytic (test_comm_accounting.py)."""
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -12,24 +11,9 @@ import lightning_distnn  # noqa: F401
 from lightning_distnn.strategies import DataParallelStrategy, PipelineStrategy, TensorParallelStrategy
 from lightning_distnn.testing import run_distributed
 from lightning_distnn.testing.equivalence import FixedDataModule, digits_tensors, quiet_trainer, tiny_classifier
-from lightning_distnn.testing.wire import WireCounter
+from lightning_distnn.testing.wire import WireCounter, step_window
 
 STEPS, GLOBAL_BATCH, MICRO, WINDOW = 4, 16, 4, 2  # the window: the third step (past PowerSGD's 2 plain steps)
-
-
-class _Window(pl.Callback):
-    """Counts torch.distributed calls from the start to the end of training step ``step``."""
-
-    def __init__(self, step, functional=False):
-        self.step, self.wire = step, WireCounter(functional=functional)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            self.wire.__enter__()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step + 1:
-            self.wire.__exit__(None, None, None)
 
 
 RUNS = {
@@ -48,7 +32,7 @@ def _measure(rank, world_size):
     out = {}
     for name, make in RUNS.items():
         strategy = make()
-        window = _Window(WINDOW, functional=name == "tp")
+        window = step_window(WINDOW, functional=name == "tp")
         module = tiny_classifier(seed=0, conv_filters=4)
         batch = GLOBAL_BATCH // world_size if isinstance(strategy, DataParallelStrategy) else GLOBAL_BATCH
         trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS, callbacks=[window])

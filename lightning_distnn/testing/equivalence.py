@@ -83,6 +83,25 @@ def reference_train(
     return {k: v.detach().clone() for k, v in ref.net.state_dict().items()}
 
 
+def reference_epochs(module: ImageClassifier, x: torch.Tensor, y: torch.Tensor, global_batch: int,
+                     epochs: int) -> dict[str, torch.Tensor]:
+    """Train a deep copy of ``module`` on one process for whole ``epochs``, each in the order the
+    distributed sampler draws for that epoch (the reference of a run that checkpoints and resumes)."""
+    ref = copy.deepcopy(module)
+    optimizer = ref.configure_optimizers()
+    if isinstance(optimizer, dict):
+        optimizer = optimizer["optimizer"]
+    for epoch in range(epochs):
+        order = sampler_order(len(x), epoch=epoch)
+        xe, ye = x[order], y[order]
+        for step in range(len(x) // global_batch):
+            sl = slice(step * global_batch, (step + 1) * global_batch)
+            optimizer.zero_grad()
+            ref.loss_fn(ref(xe[sl]), ye[sl]).backward()
+            optimizer.step()
+    return {k: v.detach().clone() for k, v in ref.net.state_dict().items()}
+
+
 def quiet_trainer(strategy, devices: int, max_steps: int, **kwargs) -> pl.Trainer:
     """A CPU Trainer without logger, checkpoints, progress bar or validation."""
     options = dict(

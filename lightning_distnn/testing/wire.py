@@ -213,3 +213,27 @@ class _FunctionalCollectives(_functional_mode_base()):
         if name is not None:
             self.counter._record(Call(name, _nbytes(args[0]) if args else 0, -1, None, threading.current_thread().name))
         return func(*args, **kwargs)
+
+
+def step_window(step: int, *, functional: bool = False):
+    """A Lightning callback whose ``wire`` (a :class:`WireCounter`) counts training step ``step`` only
+    (from ``on_train_batch_start`` to ``on_train_batch_end``: forward, backward, optimizer step), e.g. to
+    leave out the first step's shape inference."""
+    import lightning.pytorch as pl
+
+    class _StepWindow(pl.Callback):
+        def __init__(self) -> None:
+            self.wire = WireCounter(functional=functional)
+            self._open = False
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == step and not self._open:
+                self.wire.__enter__()
+                self._open = True
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self._open:
+                self.wire.__exit__(None, None, None)
+                self._open = False
+
+    return _StepWindow()
