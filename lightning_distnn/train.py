@@ -115,9 +115,11 @@ def summary_notes(metrics: dict[str, Any], *, steps: int, model_params: int) -> 
     if dp_bytes and sent > 2 * dp_bytes:
         notes.append(
             f"the busiest rank sends {sent:,.0f} bytes/step, {sent / dp_bytes:.1f}x the {dp_bytes:,.0f} that data "
-            "parallel's all-reduce of every gradient would: this layout moves activations (tensor parallel: an "
-            "all-reduce at every layer pair), which on a model this small costs more time than it saves. Data "
-            "parallel (strategy=dp) is faster here; tensor parallel pays off when the weights do not fit one device."
+            "parallel's all-reduce of every gradient would: this layout moves activations (pipeline: every "
+            "micro-batch's activation and its gradient at every stage cut; tensor parallel: an all-reduce at every "
+            "sharded layer pair), which on a model this small costs more time than it saves. Data parallel "
+            "(strategy=dp) is faster here; model parallelism pays off when the weights or activations do not fit "
+            "one device (distnn-plan predicts which layout wins)."
         )
     return notes
 
