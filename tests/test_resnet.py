@@ -85,6 +85,16 @@ def test_chain_view_shares_modules_and_keeps_names():
         local(x)
 
 
+def test_vgg_and_alexnet_are_chains_too():
+    from torchvision.models import alexnet, vgg11
+
+    with torch.device("meta"):  # names only: no 100M-parameter allocation
+        for net, features, classifier in ((vgg11(), 21, 7), (alexnet(), 13, 7)):
+            _, names = chain_as_sequential(net)
+            assert len(names) == features + 2 + classifier
+            assert names[features:features + 2] == ("avgpool", "(torch.flatten)") and names[-1] == "classifier.6"
+
+
 def test_unsplittable_network_error_names_the_module():
     class TwoHeads(nn.Module):
         def __init__(self):
@@ -97,7 +107,7 @@ def test_unsplittable_network_error_names_the_module():
     class Wrapper(ImageClassifier):
         pass
 
-    with pytest.raises(TypeError, match=r"Wrapper must hold exactly one network.*net \(TwoHeads\).*nn.Sequential"):
+    with pytest.raises(TypeError, match=r"Wrapper must hold exactly one nn.Sequential.*net \(TwoHeads\).*nn.Sequential"):
         sequential_of(Wrapper(TwoHeads()))
     with pytest.raises(TypeError, match=r"Wrapper.net \(TwoHeads\) cannot be split.*data-parallel strategy"):
         sequential_of(Wrapper(TwoHeads()), "net")

@@ -79,8 +79,8 @@ def sequential_of(module: nn.Module, attr: Optional[str] = None) -> tuple[str, n
                 "torchvision's ResNet forward, or use a data-parallel strategy)."
             )
         raise TypeError(
-            f"{type(module).__name__} must hold exactly one network attribute for model-parallel strategies: an "
-            f"nn.Sequential or a known chain of children such as torchvision's ResNet (found: {names}).{hint} Store "
+            f"{type(module).__name__} must hold exactly one nn.Sequential (or known chain of children, such as "
+            f"torchvision's ResNet) as its network for model-parallel strategies (found: {names}).{hint} Store "
             "the network as e.g. `self.net = nn.Sequential(...)` / `self.net = resnet18()`, or name it with the "
             "strategy's `module_attr` argument."
         )
