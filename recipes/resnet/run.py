@@ -12,7 +12,7 @@ unchanged ``ImageClassifier``: only the ``strategy`` argument differs between th
     hybrid  pp=2 x tp=2 on 4 processes                          strategy=hybrid
 
 Modes:
-    cpu   width 16, digits 32x32, 4 epochs, gloo CPU processes (2 for dp/pp/tp, 4 for hybrid)
+    cpu   width 8, digits 32x32, 2 epochs, gloo CPU processes (2 for dp/pp/tp, 4 for hybrid)
     full  width 64 (the published ResNet-18), CIFAR-10 files (--data-dir), GPUs
     toy   width 4, 16x16 digits, a few steps: what CI runs
 
@@ -54,8 +54,8 @@ LAYOUTS: dict[str, tuple[list[str], int, int]] = {
 }
 
 MODES: dict[str, list[str]] = {
-    "cpu": ["model=resnet18", "model.net.width=16", "data=digits", "data.drop_last=true", "trainer=cpu",
-            "trainer.max_epochs=4", "trainer.enable_progress_bar=false"],
+    "cpu": ["model=resnet18", "model.net.width=8", "data=digits", "data.drop_last=true", "trainer=cpu",
+            "trainer.max_epochs=2", "trainer.enable_progress_bar=false"],
     "full": ["model=resnet18", "model.net.width=64", "data=cifar10", "data.drop_last=true", "trainer=gpu",
              "trainer.max_epochs=30"],
     "toy": ["model=resnet18", "model.net.width=4", "data=digits", "data.image_size=16", "data.drop_last=true",
