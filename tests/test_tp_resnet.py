@@ -5,7 +5,9 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, conv1x1, resnet18
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18
+
+from lightning_distnn import models
 
 from lightning_distnn.parallel.tensor import (
     activation_numel,
@@ -21,32 +23,9 @@ from lightning_distnn.testing.equivalence import digits_tensors
 STEPS, BATCH, IMAGE = 3, 8, 16
 
 
-def cifar_resnet(
-    block=BasicBlock, layers=(2, 2, 2, 2), *, width: int = 64, num_classes: int = 10, seed: int = 0
-) -> ResNet:
-    """torchvision's ResNet with a CIFAR stem (conv1 3x3 stride 1, no maxpool) and widths ``width * 2**i``.
-
-    A torchvision ``ResNet`` instance (its forward unchanged); ``width=64`` and ``BasicBlock, (2, 2, 2, 2)``
-    is ResNet-18 for CIFAR.
-    """
-    torch.manual_seed(seed)
-    net = ResNet(block, list(layers), num_classes=num_classes)
-    net.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
-    net.bn1 = nn.BatchNorm2d(width)
-    net.maxpool = nn.Identity()
-    inplanes = width
-    for i, n in enumerate(layers):
-        planes, stride = width * 2**i, 1 if i == 0 else 2
-        down = None
-        if stride != 1 or inplanes != planes * block.expansion:
-            down = nn.Sequential(conv1x1(inplanes, planes * block.expansion, stride),
-                                 nn.BatchNorm2d(planes * block.expansion))
-        blocks = [block(inplanes, planes, stride, down)]
-        inplanes = planes * block.expansion
-        blocks += [block(inplanes, planes) for _ in range(1, n)]
-        setattr(net, f"layer{i + 1}", nn.Sequential(*blocks))
-    net.fc = nn.Linear(inplanes, num_classes)
-    return net
+def cifar_resnet(block=BasicBlock, layers=(2, 2, 2, 2), *, width: int = 64, num_classes: int = 10, seed: int = 0):
+    """The package's CIFAR ResNet (lightning_distnn.models.cifar_resnet), seeded so every process builds the same."""
+    return models.cifar_resnet(block, layers, width=width, num_classes=num_classes, seed=seed)
 
 
 def _blocks(net: ResNet) -> list[str]:

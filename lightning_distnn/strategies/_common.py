@@ -10,6 +10,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from lightning_distnn.parallel.chain import splittable, unsplittable_reason
+
 Timeout = Union[None, int, float, str, timedelta]
 TIMEOUT_ENV = "DISTNN_TIMEOUT_S"
 
@@ -47,26 +49,40 @@ def world_size_of(strategy) -> int:
     return devices * getattr(strategy, "num_nodes", 1)
 
 
-def sequential_of(module: nn.Module, attr: Optional[str] = None) -> tuple[str, nn.Sequential]:
-    """The ``nn.Sequential`` network of a LightningModule (the model-parallel contract).
+def sequential_of(module: nn.Module, attr: Optional[str] = None) -> tuple[str, nn.Module]:
+    """The network of a LightningModule (the model-parallel contract): ``(attribute name, network)``.
 
-    With ``attr`` the attribute is named; otherwise the only direct ``nn.Sequential`` child is used.
+    The network is an ``nn.Sequential`` or a network whose forward is a known chain of its children
+    (torchvision's ``ResNet``; see :func:`lightning_distnn.parallel.chain.chain_as_sequential`, which
+    turns either into the ``nn.Sequential`` of cut points the pipeline splits). With ``attr`` the
+    attribute is named; otherwise the only such direct child is used.
     """
     if attr is not None:
         net = getattr(module, attr, None)
-        if not isinstance(net, nn.Sequential):
+        if not isinstance(net, nn.Module):
             raise TypeError(
-                f"{type(module).__name__}.{attr} is {type(net).__name__}, not nn.Sequential: model-parallel "
-                "strategies need the network as an nn.Sequential attribute (see ImageClassifier.net)."
+                f"{type(module).__name__}.{attr} is {type(net).__name__}, not a network: model-parallel strategies "
+                "need the network as a module attribute (see ImageClassifier.net); fix the strategy's module_attr."
             )
+        if not splittable(net):
+            raise TypeError(unsplittable_reason(net, f"{type(module).__name__}.{attr}"))
         return attr, net
-    found = [(name, child) for name, child in module.named_children() if isinstance(child, nn.Sequential)]
+    found = [(name, child) for name, child in module.named_children() if splittable(child)]
     if len(found) != 1:
         names = ", ".join(name for name, _ in found) or "none"
+        others = [f"{name} ({type(child).__name__})" for name, child in module.named_children() if not splittable(child)]
+        hint = ""
+        if not found and others:
+            hint = (
+                f" Its children {', '.join(others)} are neither: a network whose forward does more than call its "
+                "children in a known order cannot be split (rewrite it as an nn.Sequential of blocks, keep "
+                "torchvision's ResNet forward, or use a data-parallel strategy)."
+            )
         raise TypeError(
-            f"{type(module).__name__} must hold exactly one nn.Sequential attribute for model-parallel "
-            f"strategies (found: {names}). Store the network as e.g. `self.net = nn.Sequential(...)`, or name it "
-            "with the strategy's `module_attr` argument."
+            f"{type(module).__name__} must hold exactly one nn.Sequential (or known chain of children, such as "
+            f"torchvision's ResNet) as its network for model-parallel strategies (found: {names}).{hint} Store "
+            "the network as e.g. `self.net = nn.Sequential(...)` / `self.net = resnet18()`, or name it with the "
+            "strategy's `module_attr` argument."
         )
     return found[0]
 

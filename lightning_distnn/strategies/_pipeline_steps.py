@@ -11,7 +11,7 @@ metrics work unchanged on every rank.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -20,14 +20,46 @@ from lightning_distnn.parallel.parallelize import ParallelNet
 from lightning_distnn.strategies._common import swapped_child
 
 
-class LocalLayers(nn.Sequential):
-    """This rank's layers of a split network, under their original indices (not callable)."""
+_SPLIT_MESSAGE = (
+    "This network is split over pipeline stages and holds only this rank's layers: run it through the "
+    "Trainer (fit/validate/test/predict), or load a checkpoint (it has the full model) into an unsplit module."
+)
+
+
+class _LocalPart(nn.Module):
+    """An intermediate container of :class:`LocalLayers` (e.g. ``layer1`` of a ResNet); not callable."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(
-            "This network is split over pipeline stages and holds only this rank's layers: run it through the "
-            "Trainer (fit/validate/test/predict), or load a checkpoint (it has the full model) into an unsplit module."
-        )
+        raise RuntimeError(_SPLIT_MESSAGE)
+
+
+class LocalLayers(nn.Sequential):
+    """This rank's layers of a split network, under their original names (not callable).
+
+    Built from ``(dotted path, module)`` pairs: ``"3"`` for an ``nn.Sequential``'s layer, ``"layer1.0"``
+    for a residual block of a ResNet (``layer1`` becomes a container holding ``0``), so the
+    LightningModule's state-dict keys stay those of the unsplit network (``net.layer1.0.conv1.weight``)
+    and checkpoints reload at another layout.
+    """
+
+    def __init__(self, layers: Any = ()) -> None:
+        pairs = list(layers.items() if isinstance(layers, Mapping) else layers)
+        super().__init__()
+        for path, module in pairs:
+            *parents, leaf = path.split(".")
+            owner: nn.Module = self
+            for part in parents:
+                child = owner._modules.get(part)
+                if child is None:
+                    child = _LocalPart()
+                    owner.add_module(part, child)
+                owner = child
+            if leaf in owner._modules:
+                raise ValueError(f"LocalLayers got the layer {path!r} twice.")
+            owner.add_module(leaf, module)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(_SPLIT_MESSAGE)
 
 
 class _Replay(nn.Module):

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_distnn.parallel.chain import chain_as_sequential
 from lightning_distnn.parallel.pipeline import resolve_stages_per_rank, schedule_name
 from lightning_distnn.strategies._common import Timeout, sequential_of
 from lightning_distnn.strategies._example import ENTRY_POINTS, example_inputs
@@ -96,7 +97,8 @@ class AutoStrategy(HybridStrategy):
         from lightning_distnn.planner import plan_layout
 
         module = self.lightning_module
-        _, net = sequential_of(module, self.module_attr)
+        _, network = sequential_of(module, self.module_attr)
+        net, _ = chain_as_sequential(network)  # the planner profiles a layer sequence (a ResNet's blocks)
         example = example_inputs(module.trainer, module)
         if example is None:
             raise ValueError(f"strategy='distnn_auto' plans on an example batch but found none: give {ENTRY_POINTS}.")

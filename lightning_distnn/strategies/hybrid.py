@@ -32,7 +32,6 @@ reason (use the data-parallel strategies for them).
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -45,6 +44,7 @@ from typing_extensions import override
 
 from lightning_distnn._compat import replace_norm_clipping, set_device_mesh
 from lightning_distnn.mesh import ParallelDims
+from lightning_distnn.parallel.chain import buffers_kept, chain_as_sequential, is_glue
 from lightning_distnn.parallel.parallelize import DP_WIRE_DTYPES, ParallelNet, parallelize
 from lightning_distnn.parallel.pipeline import (
     check_microbatches,
@@ -208,10 +208,11 @@ class HybridStrategy(MeshStrategy):
             )
         if any(isinstance(child, LocalLayers) for child in model.children()):
             return  # already split by an earlier fit/validate of this strategy
-        _, net = sequential_of(model, self.module_attr)
+        _, network = sequential_of(model, self.module_attr)
         dims = self.dims
         if dims.pp == 1:
             return
+        net = chain_as_sequential(network).sequential  # the cut points (a ResNet's blocks)
         loss_fn_of(model)
         stages = self.num_stages(dims)
         if stages > len(net):
@@ -255,14 +256,18 @@ class HybridStrategy(MeshStrategy):
 
     def _build(self, trainer: pl.Trainer) -> None:
         module = self.lightning_module
-        attr, net = sequential_of(module, self.module_attr)
+        attr, network = sequential_of(module, self.module_attr)
         dims = self.parallel_dims
         stage_plan = None
+        net, names = network, None
         if dims.pp > 1:
+            # an nn.Sequential is its own view; a chain of children (ResNet) is cut at its blocks
+            net, names = chain_as_sequential(network)
             example = example_inputs(trainer, module)
-            if example is not None:
-                check_forward_is_network(module, attr, example)
-            stage_plan = self._stage_plan(trainer, module, net, example)
+            with buffers_kept(network):  # the check and the profiling must not move BatchNorm's statistics
+                if example is not None:
+                    check_forward_is_network(module, attr, example)
+                stage_plan = self._stage_plan(trainer, module, net, example)
         self.net = parallelize(
             net,
             dims,
@@ -276,7 +281,9 @@ class HybridStrategy(MeshStrategy):
             record_timeline=self.record_timeline,
         )
         if dims.pp > 1:
-            setattr(module, attr, LocalLayers(OrderedDict(self.net.named_layers())))
+            # this rank's layers under their paths in the unsplit network: state-dict and checkpoint keys unchanged
+            local = [(names[int(i)], layer) for i, layer in self.net.named_layers() if not is_glue(names[int(i)])]
+            setattr(module, attr, LocalLayers(local))
             self._steps = PipelineSteps(self.net, module, attr)
         if dims.tp > 1:
             set_device_mesh(module, self.device_mesh)

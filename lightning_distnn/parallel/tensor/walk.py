@@ -6,7 +6,8 @@ Three shapes are understood:
 * A **chain of children**: a known network class whose forward calls its children one after the
   other with functional glue in between (torchvision's ``ResNet``: conv1, bn1, relu, maxpool,
   layer1..layer4, avgpool, ``torch.flatten``, fc). The glue appears as a synthetic unit (an
-  ``nn.Flatten`` named ``(torch.flatten)``) so the plan sees what it does to the layout.
+  ``nn.Flatten`` named ``(torch.flatten)``) so the plan sees what it does to the layout. torchvision's
+  ``VGG`` and ``AlexNet`` (features, avgpool, ``torch.flatten``, classifier) are chains too.
 * A **residual block** (torchvision's ``BasicBlock`` / ``Bottleneck``): one unit that carries its
   main path (the branch, e.g. conv1, bn1, relu, conv2, bn2) and its shortcut (``downsample``).
 
@@ -58,6 +59,11 @@ def _known() -> tuple[list[_Known], list[_Known]]:
                              shortcut="downsample"))
         blocks.append(_Known(resnet.Bottleneck, ("forward",), branch=(
             "conv1", "bn1", "relu", "conv2", "bn2", "relu", "conv3", "bn3"), shortcut="downsample"))
+    for module_name, cls_name in (("torchvision.models.vgg", "VGG"), ("torchvision.models.alexnet", "AlexNet")):
+        lib = sys.modules.get(module_name)
+        if lib is not None:  # forward: features, avgpool, torch.flatten(x, 1), classifier
+            chains.append(_Known(getattr(lib, cls_name), ("forward",),
+                                 steps=("features", "avgpool", GLUE_FLATTEN, "classifier")))
     return chains, blocks
 
 
