@@ -153,3 +153,24 @@ def check_forward_is_network(module: nn.Module, attr: str, example: torch.Tensor
             f"would be skipped. Move it into the nn.Sequential (e.g. append the head as its last layer, or "
             f"preprocess in the dataset), or use a data-parallel or tensor-parallel strategy."
         )
+
+
+def rebuilt_loader(dataloader, dataset=None, **changes):
+    """A copy of a ``DataLoader`` with the same workers, collation and sampling options, over
+    ``dataset`` (default: the same) and with ``changes`` applied (e.g. ``batch_size=``)."""
+    from torch.utils.data import DataLoader
+
+    options: dict[str, Any] = dict(
+        num_workers=dataloader.num_workers,
+        collate_fn=dataloader.collate_fn,
+        pin_memory=dataloader.pin_memory,
+        timeout=dataloader.timeout,
+        worker_init_fn=dataloader.worker_init_fn,
+        multiprocessing_context=dataloader.multiprocessing_context,
+        generator=dataloader.generator,
+        persistent_workers=dataloader.persistent_workers,
+    )
+    if dataloader.num_workers > 0:
+        options["prefetch_factor"] = dataloader.prefetch_factor
+    options.update(changes)
+    return DataLoader(dataloader.dataset if dataset is None else dataset, **options)

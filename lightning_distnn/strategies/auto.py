@@ -29,7 +29,7 @@ from typing_extensions import override
 
 from lightning_distnn.parallel.chain import chain_as_sequential
 from lightning_distnn.parallel.pipeline import resolve_stages_per_rank, schedule_name
-from lightning_distnn.strategies._common import Timeout, sequential_of
+from lightning_distnn.strategies._common import Timeout, rebuilt_loader, sequential_of
 from lightning_distnn.strategies._example import ENTRY_POINTS, example_inputs
 from lightning_distnn.strategies.hybrid import HybridStrategy
 
@@ -135,16 +135,7 @@ class AutoStrategy(HybridStrategy):
         size = dataloader.batch_size
         if not size or size % dp:
             return dataloader
-        options: dict[str, Any] = dict(
-            batch_size=size // dp, sampler=dataloader.sampler, num_workers=dataloader.num_workers,
-            collate_fn=dataloader.collate_fn, pin_memory=dataloader.pin_memory, drop_last=dataloader.drop_last,
-            timeout=dataloader.timeout, worker_init_fn=dataloader.worker_init_fn,
-            multiprocessing_context=dataloader.multiprocessing_context, generator=dataloader.generator,
-            persistent_workers=dataloader.persistent_workers,
-        )
-        if dataloader.num_workers > 0:
-            options["prefetch_factor"] = dataloader.prefetch_factor
-        return DataLoader(dataloader.dataset, **options)
+        return rebuilt_loader(dataloader, batch_size=size // dp, sampler=dataloader.sampler, drop_last=dataloader.drop_last)
 
     @override
     def describe(self) -> str:

@@ -28,7 +28,7 @@ from lightning_distnn._compat import optimizers_to_device
 from lightning_distnn.mesh import Axis, ParallelDims
 from lightning_distnn.parallel.feature import SplitNet, apply_feature_parallel, average_gradients
 from lightning_distnn.partition.features import FeatureSliceDataset
-from lightning_distnn.strategies._common import Timeout, world_size_of
+from lightning_distnn.strategies._common import Timeout, rebuilt_loader, world_size_of
 from lightning_distnn.strategies.base import MeshStrategy
 
 
@@ -144,17 +144,5 @@ class FeatureParallelStrategy(MeshStrategy):
         net = self.split_net
         if net.rank is None:
             return dataloader
-        options: dict[str, Any] = dict(
-            batch_sampler=dataloader.batch_sampler,  # keeps the sampler (Lightning still calls its set_epoch)
-            num_workers=dataloader.num_workers,
-            collate_fn=dataloader.collate_fn,
-            pin_memory=dataloader.pin_memory,
-            timeout=dataloader.timeout,
-            worker_init_fn=dataloader.worker_init_fn,
-            multiprocessing_context=dataloader.multiprocessing_context,
-            generator=dataloader.generator,
-            persistent_workers=dataloader.persistent_workers,
-        )
-        if dataloader.num_workers > 0:
-            options["prefetch_factor"] = dataloader.prefetch_factor
-        return DataLoader(FeatureSliceDataset(dataset, net.plan[net.rank]), **options)
+        # keeps the batch sampler (Lightning still calls its set_epoch)
+        return rebuilt_loader(dataloader, FeatureSliceDataset(dataset, net.plan[net.rank]), batch_sampler=dataloader.batch_sampler)
