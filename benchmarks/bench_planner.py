@@ -187,8 +187,50 @@ def seed_scenario(args) -> dict:
     return {"global_batch": batch, "rows": rows, "winner": plan.best.seed_form()}
 
 
+def reanalyze(path: str, args) -> list[dict]:
+    """Re-predict a finished run's measured layouts from its cached profiles with today's calibration rule.
+
+    Nothing is measured again: the measured step times are the run's. ``T_0`` is refitted on the
+    first scenario of each world size (in sample, ``*``) and used for the others; a chosen layout the
+    run did not measure has no regret (``None``).
+    """
+    old = json.load(open(path))["results"]
+    out, calibrations = [], {}
+    for r in old:
+        sc = Scenario(**r["scenario"])
+        fk = _factory_kwargs(sc)
+        torch.manual_seed(0)
+        net = build_network(**fk)
+        x = torch.randn(1, 3, sc.image_size, sc.image_size)
+        plan = plan_layout(net, x, world_size=sc.world, global_batch=sc.global_batch, processes=sc.world,
+                           factory=build_network, factory_kwargs=fk, cache_dir=args.cache_dir, repeats=args.repeats,
+                           calibration=Calibration(), max_microbatches=args.max_microbatches)
+        measured = {row["layout"]: row for row in r["layouts"]}
+        raw = {e.layout.label: e for e in plan.ranked + plan.refused}
+        in_sample = sc.world not in calibrations
+        if in_sample:
+            labels = [k for k in measured if k in raw]
+            calibrations[sc.world] = fit_calibration([raw[k] for k in labels], [measured[k]["measured_s"] for k in labels])
+        cal = calibrations[sc.world]
+        plan = search(plan.profile, plan.network, world_size=sc.world, global_batch=sc.global_batch, calibration=cal,
+                      max_microbatches=args.max_microbatches)
+        est = {e.layout.label: e for e in plan.ranked}
+        rows = [{**row, "predicted_s": est[k].step_s, "error": abs(est[k].step_s - row["measured_s"]) / row["measured_s"],
+                 "predicted_mem": est[k].memory_bytes} for k, row in measured.items() if k in est]
+        best = min(rows, key=lambda row: row["measured_s"])
+        chosen = plan.best.layout.label
+        pick = measured.get(chosen)
+        out.append({
+            "scenario": r["scenario"], "in_sample": in_sample, "calibration": asdict(cal),
+            "chosen": chosen, "chosen_ips": sc.global_batch / pick["measured_s"] if pick else None,
+            "best": best["layout"], "best_ips": sc.global_batch / best["measured_s"],
+            "regret": pick["measured_s"] / best["measured_s"] - 1 if pick else None, "layouts": rows,
+        })
+    return out
+
+
 def summarize(results: list[dict]) -> dict:
-    regrets = [r["regret"] for r in results]
+    regrets = [r["regret"] for r in results if r["regret"] is not None]
     errors = sorted(row["error"] for r in results for row in r["layouts"])
     oos = sorted(row["error"] for r in results if not r["in_sample"] for row in r["layouts"])
 
@@ -246,7 +288,29 @@ def main(argv=None) -> int:
     p.add_argument("--seed-steps", type=int, default=2)
     p.add_argument("--out", default="")
     p.add_argument("--plot", default="")
+    p.add_argument("--reanalyze", default="", help="a finished run's JSON: re-predict its measurements, measure nothing")
     args = p.parse_args(argv)
+    if args.reanalyze:
+        results = reanalyze(args.reanalyze, args)
+        rows = [{"scenario": r["scenario"]["name"] + (" *" if r["in_sample"] else ""), "chosen": r["chosen"],
+                 "chosen img/s": r["chosen_ips"] if r["chosen_ips"] else "not measured",
+                 "best measured": r["best"], "best img/s": r["best_ips"],
+                 "regret": r["regret"] if r["regret"] is not None else "n/a",
+                 "median error": statistics.median(row["error"] for row in r["layouts"]),
+                 "max error": max(row["error"] for row in r["layouts"])} for r in results]
+        print(format_table(rows))
+        for r in results:
+            print(f"\n{r['scenario']['name']}{' *' if r['in_sample'] else ''}: T_0 fit {r['calibration']}")
+            print(format_table([{k: (v * 1e3 if k.endswith("_s") else v / 1e6 if k.endswith("_mem") else v)
+                                 for k, v in row.items()} for row in r["layouts"]]))
+        summary = summarize(results)
+        print("\n" + format_table([summary]))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"results": results, "summary": summary, "reanalyzed": args.reanalyze}, f, indent=1, default=str)
+        if args.plot:
+            plot(results, args.plot)
+        return 0
     scenarios = grid(args.grid)
     if args.only:
         names = {n.strip() for n in args.only.split(",")}

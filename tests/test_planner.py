@@ -198,7 +198,8 @@ def test_fit_link_and_calibration_recover_known_values():
     world = [predict(layout, prof, SLOW, global_batch=32) for layout in layouts]
     truth = Calibration(step_s=0.03, action_s=0.001, compute_scale=1.3)
     measured = [predict(layout, prof, SLOW, global_batch=32, calibration=truth).step_s for layout in layouts]
-    cal = fit_calibration(world, measured)
+    assert fit_calibration(world, measured).compute_scale == 1.0  # not fitted unless asked
+    cal = fit_calibration(world, measured, fit_compute_scale=True)
     assert (cal.step_s, cal.action_s, cal.compute_scale) == pytest.approx((0.03, 0.001, 1.3))
 
 
