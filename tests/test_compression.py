@@ -154,7 +154,9 @@ def test_approximate_methods_converge_on_digits():
         "ps_powersgd": {"sync": "parameter_server", "compression": "powersgd", "powersgd_rank": 2},
         "local_sgd": {"sync": "local_sgd", "local_sgd_period": 4, "local_sgd_warmup_steps": 20},
     }
-    res = run_distributed(_converge, 2, runs, 10, timeout=500)[0]
+    # 20 epochs: at 10 the approximate methods still lag all-reduce by 6-12 points (torch 2.14.1; they converge
+    # more slowly), at 20 they are within 4 (all-reduce 0.975, PowerSGD 0.947, local SGD 0.936 measured)
+    res = run_distributed(_converge, 2, runs, 20, timeout=900)[0]
     base_acc, base_bytes = res["allreduce"]
     assert base_acc > 0.8, res
     # run-to-run noise of the final accuracy at this size is ~3 points (see docs/model_sync.md)
