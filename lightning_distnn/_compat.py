@@ -135,6 +135,34 @@ def preserved_rng() -> Iterator[None]:
                 np.random.set_state(np_state)
 
 
+def delay_lightning_observer(grace: float) -> None:
+    """Make Lightning's child-process observer wait ``grace`` s before it SIGKILLs the launching rank.
+
+    Lightning's ``_ChildProcessObserver`` thread (named "child-process-observer", started by
+    ``_SubprocessScriptLauncher.launch``, Lightning 2.1-2.6) kills rank 0 within 5 s of a child's death,
+    often before rank 0 could name the dead rank (``faults.FaultMonitor``). We wrap its
+    ``_terminate_all`` on the running thread. If Lightning renames either, nothing is wrapped: the job
+    still ends, only the one message can be cut short (tests/test_faults.py checks the message)."""
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "child-process-observer" and hasattr(thread, "_terminate_all"):
+            original = thread._terminate_all
+
+            def delayed(original=original):
+                time.sleep(grace)
+                original()
+
+            thread._terminate_all = delayed
+
+
+def lightning_checkpoint(trainer) -> dict:
+    """The dict Lightning would save for ``trainer`` now (``trainer._checkpoint_connector.dump_checkpoint``,
+    Lightning 2.0-2.6): loop state, callbacks, hyper-parameters (``elastic.ElasticCheckpoint`` saves it
+    asynchronously itself). If renamed: AttributeError at the first periodic checkpoint."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
 # -- torch ---------------------------------------------------------------------------------------
 # DTensor's local shard: public ``DTensor.to_local()`` is used everywhere (under no_grad it returns a
 # view of the shard, so in-place updates reach the DTensor).

@@ -31,6 +31,7 @@ from typing import Optional, Union
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from lightning_distnn._compat import lightning_checkpoint
 from lightning_distnn.checkpoint import (
     newest_complete_checkpoint,
     save_distributed,
@@ -134,7 +135,7 @@ class ElasticCheckpoint(Callback):
 
         start = time.perf_counter()
         self.wait()  # one save in flight at a time
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        checkpoint = lightning_checkpoint(trainer)
         extra = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         describe = getattr(trainer.strategy, "describe", None)
         kwargs = dict(extra=extra, step=step, layout=describe() if callable(describe) else type(trainer.strategy).__name__)

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from lightning_distnn._compat import delay_lightning_observer
 from lightning_distnn.faults.heartbeat import FaultReport, Heartbeat, diagnose, store_from_env
 from lightning_distnn.faults.process import die_with_parent, exit_quietly, kill_processes
 
@@ -74,24 +75,6 @@ def handle_failure(
     return report
 
 
-def _tame_lightning_observer(grace: float) -> None:
-    """Make Lightning's child-process observer wait ``grace`` s before it SIGKILLs the launching rank.
-
-    Lightning's ``_ChildProcessObserver`` (started by ``_SubprocessScriptLauncher.launch``) kills rank 0
-    within 5 s of a child's death, often before rank 0 could name the dead rank. Until the strategies
-    launch with :class:`FaultAwareLauncher`, this delays it (it still kills everything in the end).
-    """
-    for thread in threading.enumerate():
-        if thread.name == "child-process-observer" and hasattr(thread, "_terminate_all"):
-            original = thread._terminate_all
-
-            def delayed(original=original):
-                time.sleep(grace)
-                original()
-
-            thread._terminate_all = delayed
-
-
 class FaultMonitor(Callback):
     """Heartbeat + one message + quiet exit for any strategy: ``Trainer(callbacks=[FaultMonitor()])``.
 
@@ -130,7 +113,7 @@ class FaultMonitor(Callback):
         if "TORCHELASTIC_RUN_ID" in os.environ or (not external and trainer.local_rank > 0):
             die_with_parent()
         if trainer.global_rank == 0 and not external:
-            _tame_lightning_observer(self.grace + 3.0)
+            delay_lightning_observer(self.grace + 3.0)
         self._trainer = trainer
         self.heartbeat = Heartbeat(
             store_from_env(), rank=dist.get_rank(), world_size=dist.get_world_size(),

@@ -49,12 +49,12 @@ class LocalLayers(nn.Sequential):
             *parents, leaf = path.split(".")
             owner: nn.Module = self
             for part in parents:
-                child = owner._modules.get(part)
+                child = dict(owner.named_children()).get(part)
                 if child is None:
                     child = _LocalPart()
                     owner.add_module(part, child)
                 owner = child
-            if leaf in owner._modules:
+            if leaf in dict(owner.named_children()):
                 raise ValueError(f"LocalLayers got the layer {path!r} twice.")
             owner.add_module(leaf, module)
 
