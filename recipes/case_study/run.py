@@ -164,55 +164,74 @@ def dry_run(overrides_per_layout: dict[str, list[str]]) -> None:
               f"x nodes {cfg.trainer.num_nodes}, data {cfg.data._target_.rsplit('.', 1)[-1]}, batch {cfg.data.batch_size}")
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=sorted(MODES), default="cpu")
-    parser.add_argument("--layouts", default="data,model,hybrid", help="comma-separated subset of data,model,hybrid")
+def run_recipe(
+    argv: list[str] | None,
+    *,
+    recipe: str,
+    layouts: Any,
+    modes: Any,
+    overrides_of: Any,
+    results: Path,
+    title: str,
+    doc: str | None = None,
+) -> list[dict[str, Any]]:
+    """The command line of a recipe that trains ``layouts`` (each one ``distnn-train`` run, with the
+    Hydra overrides ``overrides_of(layout, mode, devices, nodes)``) and writes the table, the JSON
+    and the plot into a scratch folder, or into ``results`` with ``--update-results``.
+    ``recipes/case_study`` and ``recipes/resnet`` share it."""
+    parser = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=sorted(modes), default="cpu")
+    parser.add_argument("--layouts", default=",".join(layouts), help=f"comma-separated subset of {','.join(layouts)}")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: a new ./outputs/case_study/<date>_<time>/)")
+                        help=f"output folder (default: a new ./outputs/{recipe}/<date>_<time>/)")
     parser.add_argument("--update-results", action="store_true",
-                        help=f"write into the committed results ({RESULTS}) that the README shows")
+                        help=f"write into the committed results ({results}) that the README shows")
     parser.add_argument("--dry-run", action="store_true", help="compose the configs of every layout, run nothing")
     parser.add_argument("--devices", type=int, default=None, help="processes per node (default: layout / nodes)")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 folder (full mode)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every layout")
     args = parser.parse_args(argv)
-    layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
-    unknown = [name for name in layouts if name not in LAYOUTS]
+    chosen = [name.strip() for name in args.layouts.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in layouts]
     if unknown:
-        parser.error(f"unknown layouts {unknown}; valid: {', '.join(LAYOUTS)}")
+        parser.error(f"unknown layouts {unknown}; valid: {', '.join(layouts)}")
     if args.update_results and args.mode == "toy":
-        parser.error(f"--update-results replaces the committed results ({RESULTS}), which come from --mode cpu: "
+        parser.error(f"--update-results replaces the committed results ({results}), which come from --mode cpu: "
                      "a toy run must not overwrite them. Use --mode cpu (or full), or drop --update-results.")
     if args.update_results and args.out is not None:
-        parser.error(f"--update-results writes to {RESULTS}: drop --out (or drop --update-results to write to --out).")
+        parser.error(f"--update-results writes to {results}: drop --out (or drop --update-results to write to --out).")
     extra = list(args.overrides) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
-    per_layout = {name: layout_overrides(name, args.mode, args.devices, args.nodes) + extra for name in layouts}
+    per_layout = {name: overrides_of(name, args.mode, args.devices, args.nodes) + extra for name in chosen}
     if args.dry_run:
         dry_run(per_layout)
         return []
     from lightning_distnn.callbacks import format_table
 
     if args.out is None:
-        args.out = RESULTS if args.update_results else Path("outputs", "case_study", time.strftime("%Y-%m-%d_%H-%M-%S"))
+        args.out = results if args.update_results else Path("outputs", recipe, time.strftime("%Y-%m-%d_%H-%M-%S"))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         log_dir = Path(tmp)
-        for layout in layouts:
+        for layout in chosen:
             metrics = run_layout(layout, per_layout[layout], log_dir)
             rows.append(row(layout, metrics))
             for name in os.listdir(log_dir):
                 if name.endswith(".log"):
                     (args.out / name).write_text((log_dir / name).read_text())
-    command = "python recipes/case_study/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python recipes/{recipe}/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     table = format_table(rows)
     (args.out / "results.md").write_text(f"`{command.strip()}`\n\n{table}\n")
     (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
-    plot(rows, args.out / "results.png", f"case study ({args.mode} mode)")
+    plot(rows, args.out / "results.png", f"{title} ({args.mode} mode)")
     print(f"\n{table}\n\nresults in {args.out}")
     return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    return run_recipe(argv, recipe="case_study", layouts=LAYOUTS, modes=MODES, overrides_of=layout_overrides, results=RESULTS,
+                      title="case study")
 
 
 if __name__ == "__main__":

@@ -30,12 +30,7 @@ BatchNorm normalises each micro-batch (docs/resnet.md): accuracies are comparabl
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE.parent.parent))
 
-from recipes.case_study.run import dry_run, plot, row, run_layout  # noqa: E402  (same runner, table and plot)
+from recipes.case_study.run import run_recipe  # noqa: E402  (the same runner, table and plot)
 
 # layout -> (strategy overrides, processes in cpu/full mode, processes in toy mode)
 LAYOUTS: dict[str, tuple[list[str], int, int]] = {
@@ -70,52 +65,8 @@ def layout_overrides(layout: str, mode: str, devices: int | None, nodes: int) ->
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=sorted(MODES), default="cpu")
-    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated subset of {','.join(LAYOUTS)}")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: ./outputs/resnet/<date>_<time>/)")
-    parser.add_argument("--update-results", action="store_true",
-                        help=f"write into the committed results ({RESULTS}) that the README shows")
-    parser.add_argument("--dry-run", action="store_true", help="compose the configs of every layout, run nothing")
-    parser.add_argument("--devices", type=int, default=None, help="processes per node (default: layout / nodes)")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 folder (full mode)")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every layout")
-    args = parser.parse_args(argv)
-    layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
-    unknown = [name for name in layouts if name not in LAYOUTS]
-    if unknown:
-        parser.error(f"unknown layouts {unknown}; valid: {', '.join(LAYOUTS)}")
-    if args.update_results and args.mode == "toy":
-        parser.error(f"--update-results replaces the committed results ({RESULTS}), which come from --mode cpu: "
-                     "a toy run must not overwrite them. Use --mode cpu (or full), or drop --update-results.")
-    if args.update_results and args.out is not None:
-        parser.error(f"--update-results writes to {RESULTS}: drop --out (or drop --update-results to write to --out).")
-    extra = list(args.overrides) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
-    per_layout = {name: layout_overrides(name, args.mode, args.devices, args.nodes) + extra for name in layouts}
-    if args.dry_run:
-        dry_run(per_layout)
-        return []
-    from lightning_distnn.callbacks import format_table
-
-    if args.out is None:
-        args.out = RESULTS if args.update_results else Path("outputs", "resnet", time.strftime("%Y-%m-%d_%H-%M-%S"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        log_dir = Path(tmp)
-        for layout in layouts:
-            rows.append(row(layout, run_layout(layout, per_layout[layout], log_dir)))
-            for name in os.listdir(log_dir):
-                if name.endswith(".log"):
-                    (args.out / name).write_text((log_dir / name).read_text())
-    command = "python recipes/resnet/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = format_table(rows)
-    (args.out / "results.md").write_text(f"`{command.strip()}`\n\n{table}\n")
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
-    plot(rows, args.out / "results.png", f"torchvision ResNet-18 ({args.mode} mode)")
-    print(f"\n{table}\n\nresults in {args.out}")
-    return rows
+    return run_recipe(argv, recipe="resnet", layouts=LAYOUTS, modes=MODES, overrides_of=layout_overrides, results=RESULTS,
+                      title="torchvision ResNet-18", doc=__doc__)
 
 
 if __name__ == "__main__":
