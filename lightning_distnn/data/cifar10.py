@@ -117,6 +117,11 @@ class CIFAR10DataModule(ImageDataModule):
         eval_full = copy.copy(train_full)  # same arrays, evaluation transform
         eval_full.transform = eval_tf
         n = len(train_full)
+        if not 0 <= self.val_size < n:
+            raise ValueError(
+                f"val_size={self.val_size} must be in [0, {n}): {self.data_dir} holds {n} training images. Pass a smaller "
+                f"val_size (data.val_size=... in distnn-train; distnn-to-sqlite --val-size)."
+            )
         train_idx, val_idx, _ = split_indices(n, (self.val_size / n, 0.0), self.split_seed)
         test = CIFAR10Batches(self.data_dir, train=False, transform=eval_tf)
         return Subset(train_full, train_idx), Subset(eval_full, val_idx), test

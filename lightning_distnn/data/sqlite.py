@@ -352,7 +352,7 @@ def _source_module(args: argparse.Namespace) -> ImageDataModule:
     if args.source == "cifar10":
         from lightning_distnn.data.cifar10 import CIFAR10DataModule
 
-        return CIFAR10DataModule(data_dir=args.data_dir, augment=False)
+        return CIFAR10DataModule(data_dir=args.data_dir, augment=False, val_size=args.val_size)
     if args.source == "image_folder":
         from lightning_distnn.data.image_folder import ImageFolderDataModule
 
@@ -374,6 +374,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .sqlite file to write")
     p.add_argument("--image-size", type=int, default=32, help="side of the images (digits, synthetic, image_folder)")
     p.add_argument("--data-dir", default="data", help="cifar10: folder holding cifar-10-batches-py")
+    p.add_argument("--val-size", type=int, default=5000, help="cifar10: training images held out for validation")
     p.add_argument("--root", default="data/images", help="image_folder: folder with one sub-folder per class")
     p.add_argument("--num-samples", type=int, default=2048, help="synthetic: training samples")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage type of the images")
