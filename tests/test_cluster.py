@@ -28,6 +28,8 @@ from lightning_distnn.testing.cluster import (
 from lightning_distnn.testing.cluster_cli import distnn_train_command, is_distnn_train, main as cli_main
 from lightning_distnn.testing import cluster_job
 
+pytestmark = pytest.mark.xdist_group("test_cluster")  # its tests share a module fixture: one worker
+
 needs_namespaces = pytest.mark.skipif(unsupported_reason() is not None, reason=str(unsupported_reason()))
 ONE_PER_NODE = ["dp", "ps", "local_sgd", "pipeline", "tp"]
 TWO_PER_NODE = ["hybrid"]

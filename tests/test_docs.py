@@ -251,11 +251,11 @@ SHIMS = {
 extra=({toy})
 for a in "$@"; do case "$a" in {toy}) extra=();; experiment=*|+experiment=*) extra=(trainer=toy);; esac; done
 key=$(printf '%s\\n' "$@" "${{extra[@]}}" | sort -u | tr '\\n' ' ')
-if grep -qxF -- "$key" "$DOCTEST_SEEN" 2>/dev/null; then echo "doc-test: ran already: distnn-train $*"; exit 0; fi
+if grep -qxF -- "$key" "$DOCTEST_SEEN" 2>/dev/null; then echo "doc-test: ran already (or running) in another block: distnn-train $*"; exit 0; fi
+echo "$key" >> "$DOCTEST_SEEN"   # at the start: a block on another worker skips it (a failing run fails its own block)
 run_dir="$DOCTEST_RUNS/run_$(date +%s%N)"
 "$DOCTEST_PYTHON" -m lightning_distnn.train "$@" "${{extra[@]}}" "hydra.run.dir=$run_dir" || exit $?
 [ -f "$run_dir/metrics.json" ] || {{ echo "doc-test: no metrics.json in $run_dir" >&2; exit 3; }}
-echo "$key" >> "$DOCTEST_SEEN"
 """,
     "distnn-to-sqlite": 'exec "$DOCTEST_PYTHON" -m lightning_distnn.data.sqlite "$@"',
     "python": 'exec "$DOCTEST_PYTHON" "$@"',
@@ -279,7 +279,10 @@ def shim_env(tmp_path_factory):
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["DOCTEST_PYTHON"] = sys.executable
-    env["DOCTEST_SEEN"] = str(root / "seen.txt")
+    # one record for the whole session: under pytest-xdist every worker has a base directory of its own below the
+    # session's, so the record lives one level up there (a run that another worker did is not repeated)
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    env["DOCTEST_SEEN"] = str(shared / "doc_runs_seen.txt")
     return env
 
 

@@ -12,6 +12,8 @@ from lightning_distnn.data.sqlite import main as sqlite_main
 from lightning_distnn.testing import run_distributed
 from lightning_distnn.testing.equivalence import digits_tensors
 
+pytestmark = pytest.mark.xdist_group("test_sqlite")  # its tests share a module fixture: one worker
+
 N, IMAGE = 96, 8
 
 

@@ -13,6 +13,8 @@ from lightning_distnn.testing import run_distributed
 from lightning_distnn.testing.equivalence import FixedDataModule, digits_tensors, quiet_trainer, tiny_classifier
 from lightning_distnn.testing.wire import WireCounter, step_window
 
+pytestmark = pytest.mark.xdist_group("test_wire")  # its tests share a module fixture: one worker
+
 STEPS, GLOBAL_BATCH, MICRO, WINDOW = 4, 16, 4, 2  # the window: the third step (past PowerSGD's 2 plain steps)
 
 
