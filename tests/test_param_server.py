@@ -20,14 +20,26 @@ from lightning_distnn.testing.equivalence import (
     quiet_trainer,
     reference_epochs,
     reference_train,
+    sampler_order,
     tiny_classifier,
 )
 
 STEPS, GLOBAL_BATCH = 6, 16
 
 
+def _scheduled(module):
+    """A step-interval LR schedule (lr x0.2 every 2 steps): the servers must follow it, not the initial lr."""
+    def configure_optimizers():
+        optimizer = module.optimizer_factory([p for p in module.parameters() if p.requires_grad])
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.2)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    module.configure_optimizers = configure_optimizers
+    return module
+
+
 def _train_ps(rank, world_size, workers, steps, global_batch, strategy_kwargs):
-    module = tiny_classifier(seed=0, conv_filters=4)
+    module = _scheduled(tiny_classifier(seed=0, conv_filters=4))
     x, y = digits_tensors(steps * global_batch)
     strategy = DataParallelStrategy(sync="parameter_server", timeout=60, **strategy_kwargs)
     trainer = quiet_trainer(strategy, devices=world_size, max_steps=steps)
@@ -36,10 +48,23 @@ def _train_ps(rank, world_size, workers, steps, global_batch, strategy_kwargs):
 
 
 def _reference(steps=STEPS, global_batch=GLOBAL_BATCH):
+    """One process, the same schedule stepped after every optimizer step."""
     x, y = digits_tensors(steps * global_batch)
-    expected = reference_train(tiny_classifier(seed=0, conv_filters=4), x, y, global_batch, steps)
+    unscheduled = reference_train(tiny_classifier(seed=0, conv_filters=4), x, y, global_batch, steps)
+    x, y = x[sampler_order(len(x))], y[sampler_order(len(x))]  # the order a distributed Trainer sees
+    ref = _scheduled(tiny_classifier(seed=0, conv_filters=4))
+    config = ref.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    for step in range(steps):
+        sl = slice(step * global_batch, (step + 1) * global_batch)
+        optimizer.zero_grad()
+        ref.loss_fn(ref(x[sl]), y[sl]).backward()
+        optimizer.step()
+        scheduler.step()
+    expected = {k: v.detach().clone() for k, v in ref.net.state_dict().items()}
     initial = tiny_classifier(seed=0, conv_filters=4).net.state_dict()
     assert any((expected[k] - initial[k]).abs().max() > 1e-3 for k in expected), "reference did not train"
+    assert any((expected[k] - unscheduled[k]).abs().max() > 1e-3 for k in expected), "the schedule changed nothing"
     return expected
 
 

@@ -144,7 +144,13 @@ class ParameterServerStrategy(DataParallelBase):
             skip_per_batch_sigterm_broadcast(trainer)  # else Lightning's per-batch broadcast keeps workers in step
 
     def _server_optimizer_factory(self, module, plan) -> Callable:
-        """The user's optimizer class and per-group hyper-parameters, rebuilt over a server's shard."""
+        """The user's optimizer class and per-group hyper-parameters, rebuilt over a server's shard.
+
+        The hyper-parameters follow the user's optimizer at every server step: an LR scheduler (or any
+        code that changes ``param_groups``) steps the optimizer of this process, which Lightning's loop
+        drives on every rank, dedicated server ranks included; the server copies its groups' values
+        before applying an update. Async mode applies them as of this process's own step.
+        """
         optimizer = self._raw_optimizers()[0]
         params = [p for p in module.parameters() if p.requires_grad]
         group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
@@ -154,9 +160,17 @@ class ParameterServerStrategy(DataParallelBase):
             groups: dict[int, list] = {}
             for i, sp in zip(indices, server_params):
                 groups.setdefault(group_of.get(id(params[i]), 0), []).append(sp)
-            return type(optimizer)(
+            sources = list(groups)
+            server_optimizer = type(optimizer)(
                 [dict({k: v for k, v in optimizer.param_groups[gi].items() if k != "params"}, params=ps) for gi, ps in groups.items()]
             )
+
+            def follow_user_hyperparameters(server_opt, args, kwargs) -> None:
+                for target, gi in zip(server_opt.param_groups, sources):
+                    target.update({k: v for k, v in optimizer.param_groups[gi].items() if k != "params"})
+
+            server_optimizer.register_step_pre_hook(follow_user_hyperparameters)
+            return server_optimizer
 
         return factory
 
