@@ -158,7 +158,7 @@ def test_mobilenet_v2_plan_one_all_reduce_per_inverted_residual():
     assert styles["features.7.0"] == "colwise" and styles["classifier.1"] == "rowwise"  # head: one all-reduce
     rowwise = [e for e in plan.entries if e.style == "rowwise"]
     assert len(rowwise) == 5 + 1  # one all-reduce per sharded block (features.2-6), one in the head
-    with pytest.raises(ValueError, match=r"plan\['features.2.conv.0.0'\]='depthwise' needs a depthwise Conv2d"):
+    with pytest.raises(ValueError, match=r"plan\['features.2.conv.0.0'\]='depthwise' does not apply to Conv2d"):
         plan_tp(net, 2, plan={"features.2.conv.0.0": "depthwise"})
 
 

@@ -69,7 +69,7 @@ class _Planner:
 
     def unit(self, unit: Unit, no_partner: Optional[str]) -> None:
         rule, user, kind = rule_for(unit.module), self.user.get(unit.name), type(unit.module).__name__
-        if user is not None and user not in rule.user_styles:
+        if user is not None and user not in rule.user_styles and not (user == "depthwise" and is_depthwise(unit.module)):
             *head, last = rule.user_styles
             raise ValueError(f"plan[{unit.name!r}]={user!r} does not apply to {kind}; use {', '.join(head)} or {last}.")
         if rule.expands and user == "replicate":

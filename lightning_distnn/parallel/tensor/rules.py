@@ -194,13 +194,12 @@ def _whole(step: Step) -> Decision:
     return Decision("replicate" if has_params else "pass", REPLICATE, note, whole=f"{step.name!r} ({step.kind})")
 
 
-_MATMUL_STYLES = ("colwise", "rowwise", "replicate")
-_CONV_STYLES = _MATMUL_STYLES + ("depthwise",)
+_MATMUL_STYLES = ("colwise", "rowwise", "replicate")  # and "depthwise" for a depthwise Conv2d (plan.py lets it through)
 _OTHER_STYLES = ("pass", "replicate", "sharded_norm")
 
 #: The table, first match wins; the last row matches every module.
 RULES: tuple[Rule, ...] = (
-    Rule("Conv2d", lambda m: isinstance(m, nn.Conv2d), frozenset({REPLICATE, SHARD_CHANNELS}), _CONV_STYLES, _matmul,
+    Rule("Conv2d", lambda m: isinstance(m, nn.Conv2d), frozenset({REPLICATE, SHARD_CHANNELS}), _MATMUL_STYLES, _matmul,
          "replicate in: colwise -> shard(1) if it divides and pairs, else replicate; shard(1) in: rowwise -> replicate; "
          "depthwise on shard(1): depthwise -> shard(1)"),
     Rule("Linear", lambda m: isinstance(m, nn.Linear), frozenset({REPLICATE, SHARD_FEATURES}), _MATMUL_STYLES, _matmul,
