@@ -107,6 +107,17 @@ def test_vgg_and_alexnet_are_chains_too():
             assert names[features:features + 2] == ("avgpool", "(torch.flatten)") and names[-1] == "classifier.6"
 
 
+def test_mobilenet_v2_is_a_chain_with_glue():
+    from lightning_distnn.models import mobilenet_v2_cpu
+
+    net = mobilenet_v2_cpu(blocks=2, seed=0).eval()
+    seq, names = chain_as_sequential(net)
+    assert names[:4] == ("features.0.0", "features.0.1", "features.0.2", "features.1")
+    assert names[-4:] == ("(adaptive_avg_pool2d)", "(torch.flatten)", "classifier.0", "classifier.1")
+    x = torch.randn(2, 3, IMAGE, IMAGE)
+    torch.testing.assert_close(seq(x), net(x), atol=0, rtol=0)
+
+
 def test_unsplittable_network_error_names_the_module():
     class TwoHeads(nn.Module):
         def __init__(self):

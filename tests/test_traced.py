@@ -14,7 +14,7 @@ from torch.distributed.pipelining import pipe_split
 
 from lightning_distnn.checkpoint import load_distributed
 from lightning_distnn.models import ImageClassifier
-from lightning_distnn.parallel.traced import cut_traced, traced_view
+from lightning_distnn.parallel.traced import calls_pipe_split, cut_traced, traced_view
 from lightning_distnn.testing import assert_state_dicts_close, run_distributed
 from lightning_distnn.testing.equivalence import FixedDataModule, digits_tensors, quiet_trainer, sampler_order
 
@@ -85,6 +85,7 @@ def test_traced_stages_equal_the_network_in_train_and_eval():
 
 def test_pipe_split_in_forward_and_the_errors():
     x = torch.randn(4, 3, IMAGE, IMAGE)
+    assert calls_pipe_split(SkipNet(split=True)) and not calls_pipe_split(nn.Sequential(nn.Linear(2, 2)))
     view, _, plan = cut_traced(SkipNet(split=True), x, microbatches=2, num_stages=2)
     assert len(view.sequential) == 2 and plan.counts == [1, 1]
     with pytest.raises(ValueError, match=r"makes 2 stages, the layout has 4"):
@@ -148,7 +149,7 @@ def test_traced_pp2_skip_across_the_cut_matches_one_process(tmp_path):
     assert set(merged) == set(expected)
     assert_state_dicts_close(merged, expected, atol=1e-5)  # weights and BatchNorm running statistics
     # two tensors cross the cut (block output + skip), packed: 2 x 4 x 8 x 8 floats per sample, both ways
-    assert results[0]["bytes"]["sent"] == STEPS // STEPS * MICRO * (BATCH // MICRO) * 2 * 4 * IMAGE * IMAGE * 4 * 1
+    assert results[0]["bytes"]["sent"] == MICRO * (BATCH // MICRO) * (2 * 4 * IMAGE * IMAGE) * 4
     full = _module(seed=7)
     load_distributed(ckpt, full)
     assert_state_dicts_close(dict(full.net.state_dict()), expected, atol=1e-5)

@@ -26,6 +26,7 @@ Pure torch. Tensor parallelism of traced stages is not supported (their layers a
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Optional, Sequence
 
@@ -36,12 +37,31 @@ from torch.distributed.pipelining import SplitPoint, pipeline
 from lightning_distnn.parallel.chain import ChainView, buffers_kept
 from lightning_distnn.partition.model import StagePlan, explicit
 
-__all__ = ["TracedStage", "check_split_points", "cut_traced", "is_split_points", "network_of", "owners", "trace", "traced_view"]
+__all__ = ["TracedStage", "calls_pipe_split", "check_split_points", "cut_traced", "is_split_points", "network_of", "owners", "trace", "traced_view"]
+
+
+#: the fix for a network that is neither an nn.Sequential nor a known chain, under a pipeline
+TRACER_HINT = (
+    "Under a pipeline (tp=1) any network can be cut by torch's tracer: name the modules to cut before, e.g. "
+    "partition=['encoder.block3', 'decoder'], or call torch.distributed.pipelining.pipe_split() in its forward."
+)
 
 
 def is_split_points(partition: Any) -> bool:
     """Whether a strategy's ``partition=`` names modules to cut before (a non-empty list of strings)."""
     return isinstance(partition, (list, tuple)) and len(partition) > 0 and all(isinstance(p, str) for p in partition)
+
+
+def calls_pipe_split(net: nn.Module) -> bool:
+    """Whether the forward of ``net`` or of one of its modules calls ``pipe_split()`` (read from the source code;
+    ``False`` where the source is unavailable: name the split points then)."""
+    for cls in {type(m) for m in net.modules()}:
+        try:
+            if "pipe_split(" in inspect.getsource(cls.forward):
+                return True
+        except (OSError, TypeError):
+            continue
+    return False
 
 
 def check_split_points(points: Sequence[str], net: Optional[nn.Module] = None) -> list[str]:

@@ -46,7 +46,7 @@ from lightning_distnn._compat import replace_norm_clipping, set_device_mesh
 from lightning_distnn.mesh import ParallelDims
 from lightning_distnn.parallel.chain import buffers_kept, chain_as_sequential, is_glue, splittable
 from lightning_distnn.parallel.parallelize import DP_WIRE_DTYPES, ParallelNet, parallelize
-from lightning_distnn.parallel.traced import check_split_points, cut_traced, is_split_points, network_of
+from lightning_distnn.parallel.traced import TRACER_HINT, calls_pipe_split, check_split_points, cut_traced, is_split_points, network_of
 from lightning_distnn.parallel.pipeline import (
     check_microbatches,
     clip_grad_norm_across,
@@ -258,13 +258,14 @@ class HybridStrategy(MeshStrategy):
     def _network(self, module: pl.LightningModule, dims: ParallelDims):
         try:
             return sequential_of(module, self.module_attr)
-        except TypeError:
-            if dims.pp == 1:
-                raise
-            return network_of(module, self.module_attr)  # any network, through torch's tracer
+        except TypeError as err:  # any network with split points goes through torch's tracer (pp > 1, tp = 1)
+            found = network_of(module, self.module_attr) if dims.pp > 1 else None
+            if found is None or not self._traced(found[1]):
+                raise TypeError(f"{err} {TRACER_HINT}") from None
+            return found
 
     def _traced(self, network: nn.Module) -> bool:
-        return is_split_points(self.partition) or not splittable(network)
+        return is_split_points(self.partition) or (not splittable(network) and calls_pipe_split(network))
 
     def _build(self, trainer: pl.Trainer) -> None:
         module = self.lightning_module
