@@ -38,21 +38,33 @@ def _full_state(module: nn.Module) -> dict:
     }
 
 
-def _reference(microbatches: int) -> dict:
-    """One process, the Trainer's sample order, each batch as ``microbatches`` accumulated micro-batches."""
+def _reference(microbatches: int, dp: int = 1):
+    """One process, the Trainer's sample order, each batch as ``microbatches`` accumulated micro-batches.
+
+    With ``dp`` replicas, replica ``r`` sees ``perm[r::dp]`` (Lightning's DistributedSampler) and keeps its own
+    BatchNorm running statistics (only gradients are averaged): a list of states, one per replica.
+    """
     x, y = digits_tensors(STEPS * BATCH, image_size=IMAGE)
     order = sampler_order(len(x))
-    x, y = x[order], y[order]
     ref = copy.deepcopy(_module())
     opt = ref.configure_optimizers()
     ref.train()
+    buffers = [{k: b.clone() for k, b in ref.net.named_buffers()} for _ in range(dp)]
+    per = BATCH // dp
     for step in range(STEPS):
-        sl = slice(step * BATCH, (step + 1) * BATCH)
         opt.zero_grad()
-        for xc, yc in zip(x[sl].chunk(microbatches), y[sl].chunk(microbatches)):
-            (ref.loss_fn(ref(xc), yc) / microbatches).backward()
+        for r in range(dp):
+            ref.net.load_state_dict(buffers[r], strict=False)
+            idx = order[r::dp][step * per : (step + 1) * per]
+            for xc, yc in zip(x[idx].chunk(microbatches), y[idx].chunk(microbatches)):
+                (ref.loss_fn(ref(xc), yc) / (microbatches * dp)).backward()
+            buffers[r] = {k: b.clone() for k, b in ref.net.named_buffers()}
         opt.step()
-    return {k: v.detach().clone() for k, v in ref.net.state_dict().items()}
+    states = []
+    for r in range(dp):
+        ref.net.load_state_dict(buffers[r], strict=False)
+        states.append({k: v.detach().clone() for k, v in ref.net.state_dict().items()})
+    return states[0] if dp == 1 else states
 
 
 # ---- the chain view, the skeleton, the errors (one process) ------------------------------------------------------
@@ -95,6 +107,17 @@ def test_vgg_and_alexnet_are_chains_too():
             assert names[features:features + 2] == ("avgpool", "(torch.flatten)") and names[-1] == "classifier.6"
 
 
+def test_mobilenet_v2_is_a_chain_with_glue():
+    from lightning_distnn.models import mobilenet_v2_cpu
+
+    net = mobilenet_v2_cpu(blocks=2, seed=0).eval()
+    seq, names = chain_as_sequential(net)
+    assert names[:4] == ("features.0.0", "features.0.1", "features.0.2", "features.1")
+    assert names[-4:] == ("(adaptive_avg_pool2d)", "(torch.flatten)", "classifier.0", "classifier.1")
+    x = torch.randn(2, 3, IMAGE, IMAGE)
+    torch.testing.assert_close(seq(x), net(x), atol=0, rtol=0)
+
+
 def test_unsplittable_network_error_names_the_module():
     class TwoHeads(nn.Module):
         def __init__(self):
@@ -123,10 +146,16 @@ def test_unsplittable_network_error_names_the_module():
 
 
 # ---- through the Trainer (spawned gloo processes) ---------------------------------------------------------------
+def _fit_many(rank, world_size, names):
+    return {name: _fit(rank, world_size, name, None) for name in names}
+
+
 def _fit(rank, world_size, strategy_name, ckpt_dir):
     from lightning_distnn.strategies import HybridStrategy, PipelineStrategy, TensorParallelStrategy
 
     strategies = {
+        "dp2xtp2": lambda: HybridStrategy(dp=2, pp=1, tp=2, timeout=120),
+        "dp2xpp2": lambda: HybridStrategy(dp=2, pp=2, tp=1, microbatches=MICRO, partition=[6, 5], timeout=120),
         "pp2": lambda: PipelineStrategy(microbatches=MICRO, partition="balanced", timeout=120),
         "tp2": lambda: TensorParallelStrategy(timeout=120),
         "pp2xtp2": lambda: HybridStrategy(dp=1, pp=2, tp=2, microbatches=MICRO, partition=[6, 5], timeout=120),
@@ -135,10 +164,11 @@ def _fit(rank, world_size, strategy_name, ckpt_dir):
     x, y = digits_tensors(STEPS * BATCH, image_size=IMAGE)
     strategy = strategies[strategy_name]()
     trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS)
-    trainer.fit(module, datamodule=FixedDataModule(x, y, BATCH))
+    trainer.fit(module, datamodule=FixedDataModule(x, y, BATCH // (2 if strategy_name.startswith("dp2") else 1)))
     if ckpt_dir is not None:
         trainer.save_checkpoint(ckpt_dir)
-    out = dict(state=_full_state(module.net), describe=strategy.describe(), bytes=strategy.comm_bytes_per_step())
+    out = dict(state=_full_state(module.net), describe=strategy.describe(), bytes=strategy.comm_bytes_per_step(),
+               replica=strategy.distributed_sampler_kwargs["rank"])
     if strategy.tp_plans:
         out["styles"] = strategy.tp_plans[0].styles()
     if strategy.net.stage_plan is not None:
@@ -146,9 +176,9 @@ def _fit(rank, world_size, strategy_name, ckpt_dir):
     return out
 
 
-def _check_union(results, expected, ranks_per_stage: int = 1):
+def _check_union(results, expected, replica: int = 0):
     merged: dict = {}
-    for r in results:
+    for r in (r for r in results if r["replica"] == replica):
         for k, v in r["state"].items():
             if k in merged:  # a tensor-parallel peer holds the same stage
                 torch.testing.assert_close(v, merged[k], atol=0, rtol=0)
@@ -188,8 +218,18 @@ def test_tensor_parallel_tp2_trainer_on_torchvision_resnet():
 
 
 @pytest.mark.slow
-def test_hybrid_pp2_tp2_resnet_matches_micro_batch_accumulation():
-    results = run_distributed(_fit, 4, "pp2xtp2", None, timeout=500)
+def test_hybrid_resnet_layouts_match_micro_batch_accumulation():
+    """pp2 x tp2, dp2 x tp2 and dp2 x pp2 in one spawn of 4 processes (dp: BatchNorm statistics per replica)."""
+    runs = run_distributed(_fit_many, 4, ["pp2xtp2", "dp2xtp2", "dp2xpp2"], timeout=600)
+    for name, micro in (("dp2xtp2", 1), ("dp2xpp2", MICRO)):
+        results = [r[name] for r in runs]
+        assert sorted(r["replica"] for r in results) == [0, 0, 1, 1]
+        for replica, expected in enumerate(_reference(micro, dp=2)):
+            _check_union(results, expected, replica)
+    # the replicas' running statistics differ (each normalises its own samples): the per-replica comparison can fail
+    a, b = _reference(1, dp=2)
+    assert (a["bn1.running_mean"] - b["bn1.running_mean"]).abs().max() > 1e-4
+    results = [r["pp2xtp2"] for r in runs]
     assert results[0]["counts"] == [6, 5]  # stem, layer1.0, layer2.0 | layer3.0, layer4.0, avgpool, flatten, fc
     # tensor parallel inside each stage (names are the stage's layer indices): one all-reduce per block
     assert results[0]["styles"]["4.conv1"] == "colwise" and results[0]["styles"]["5.conv2"] == "rowwise"

@@ -131,10 +131,35 @@ def _full_state(module: nn.Module) -> dict:
 NETS = {
     "basic": dict(block=BasicBlock, layers=(2, 2, 2, 2), width=8),
     "bottleneck": dict(block=Bottleneck, layers=(1, 1, 1, 1), width=4),
+    "mobilenet_v2": dict(blocks=3),  # torchvision's MobileNetV2, width 0.25, its first 3 rows (6 blocks)
 }
 #: Share of the parameters in sharded layers: all but the stem, shortcuts and fc for BasicBlock; a
-#: Bottleneck also keeps conv3 whole (one all-reduce per block shards two of its three convolutions).
-SHARDED_SHARE = {"basic": 0.95, "bottleneck": 0.4}
+#: Bottleneck also keeps conv3 whole (one all-reduce per block shards two of its three convolutions);
+#: MobileNetV2 keeps its stem and first block (no expand conv) and each block's project BatchNorm whole.
+SHARDED_SHARE = {"basic": 0.95, "bottleneck": 0.4, "mobilenet_v2": 0.9}
+
+
+def _net(name: str) -> nn.Module:
+    if name == "mobilenet_v2":
+        return models.mobilenet_v2_cpu(**NETS[name], seed=0)
+    return cifar_resnet(**NETS[name])
+
+
+def test_mobilenet_v2_plan_one_all_reduce_per_inverted_residual():
+    """Expand conv colwise, depthwise conv on its channel shard (no traffic), project conv rowwise."""
+    net = _net("mobilenet_v2")
+    plan = plan_tp(net, 2)
+    styles = plan.styles()
+    for block in ("features.2", "features.3", "features.6"):
+        assert styles[f"{block}.conv.0.0"] == "colwise" and styles[f"{block}.conv.1.0"] == "depthwise"
+        assert styles[f"{block}.conv.1.1"] == "sharded_norm" and styles[f"{block}.conv.2"] == "rowwise"
+    # the first block has no expand conv: its depthwise conv sees a replicated input and stays whole
+    assert styles["features.1.conv.0.0"] == "replicate" and styles["features.0.0"] == "replicate"
+    assert styles["features.7.0"] == "colwise" and styles["classifier.1"] == "rowwise"  # head: one all-reduce
+    rowwise = [e for e in plan.entries if e.style == "rowwise"]
+    assert len(rowwise) == 5 + 1  # one all-reduce per sharded block (features.2-6), one in the head
+    with pytest.raises(ValueError, match=r"plan\['features.2.conv.0.0'\]='depthwise' does not apply to Conv2d"):
+        plan_tp(net, 2, plan={"features.2.conv.0.0": "depthwise"})
 
 
 def _train(net: nn.Module, steps: int) -> torch.Tensor:
@@ -157,8 +182,8 @@ def _resnet_worker(rank, world_size):
 
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
     out = {}
-    for name, kwargs in NETS.items():
-        net = cifar_resnet(**kwargs)
+    for name in NETS:
+        net = _net(name)
         apply_tp(net, mesh["tp"])
         local, full = sharded_parameter_numel(net)
         replicated = sum(p.numel() for p in net.parameters()) - full
@@ -170,8 +195,8 @@ def _resnet_worker(rank, world_size):
 @pytest.mark.slow
 def test_tp2_resnet_matches_single_process():
     results = run_distributed(_resnet_worker, 2, timeout=400, init_process_group=True)
-    for name, kwargs in NETS.items():
-        initial = cifar_resnet(**kwargs)
+    for name in NETS:
+        initial = _net(name)
         reference = copy.deepcopy(initial)
         logits = _train(reference, STEPS)
         expected = reference.state_dict()

@@ -75,7 +75,9 @@ def unsplittable_reason(net: nn.Module, where: str = "the network") -> str:
         "Model-parallel strategies take an nn.Sequential or a known chain of children (torchvision's ResNet with its "
         f"own forward, see lightning_distnn.parallel.tensor.walk). Rewrite {kind} as an nn.Sequential of blocks "
         "(functional code such as torch.flatten becomes nn.Flatten()), keep torchvision's forward, or train it with a "
-        "data-parallel strategy (distnn_dp, distnn_ps, distnn_local_sgd)."
+        "data-parallel strategy (distnn_dp, distnn_ps, distnn_local_sgd). Under a pipeline (tp=1) any network is cut by "
+        "torch's tracer instead: name the modules to cut before, partition=['encoder.block3', 'decoder'], or call "
+        "torch.distributed.pipelining.pipe_split() in its forward (lightning_distnn.parallel.traced)."
     )
 
 

@@ -44,8 +44,9 @@ from typing_extensions import override
 
 from lightning_distnn._compat import replace_norm_clipping, set_device_mesh
 from lightning_distnn.mesh import ParallelDims
-from lightning_distnn.parallel.chain import buffers_kept, chain_as_sequential, is_glue
+from lightning_distnn.parallel.chain import buffers_kept, chain_as_sequential, is_glue, splittable
 from lightning_distnn.parallel.parallelize import DP_WIRE_DTYPES, ParallelNet, parallelize
+from lightning_distnn.parallel.traced import TRACER_HINT, calls_pipe_split, check_split_points, cut_traced, is_split_points, network_of
 from lightning_distnn.parallel.pipeline import (
     check_microbatches,
     clip_grad_norm_across,
@@ -168,7 +169,7 @@ class HybridStrategy(MeshStrategy):
             self.partition = partition.lower()
         else:
             self.partition = list(partition)
-            explicit(self.partition)  # validates the counts
+            check_split_points(self.partition) if is_split_points(self.partition) else explicit(self.partition)
         self.tp_overrides = dict(tp_plan) if tp_plan is not None else None
         self.sync = sync_name
         self.compression = wire
@@ -193,7 +194,7 @@ class HybridStrategy(MeshStrategy):
             return
         stages = self.num_stages(dims)
         check_microbatches(self.microbatches, self.microbatches, schedule=self.schedule, pp_size=dims.pp, num_stages=stages)
-        if isinstance(self.partition, list) and len(self.partition) != stages:
+        if isinstance(self.partition, list) and len(self.partition) + is_split_points(self.partition) != stages:
             raise ValueError(
                 f"partition={self.partition} has {len(self.partition)} stages, but pp={dims.pp} x "
                 f"stages_per_rank={self.stages_per_rank} makes {stages}: give one layer count per stage."
@@ -208,10 +209,10 @@ class HybridStrategy(MeshStrategy):
             )
         if any(isinstance(child, LocalLayers) for child in model.children()):
             return  # already split by an earlier fit/validate of this strategy
-        _, network = sequential_of(model, self.module_attr)
         dims = self.dims
-        if dims.pp == 1:
-            return
+        _, network = self._network(model, dims)
+        if dims.pp == 1 or self._traced(network):
+            return  # a traced network is cut (and checked) at setup, where the example input is known
         net = chain_as_sequential(network).sequential  # the cut points (a ResNet's blocks)
         loss_fn_of(model)
         stages = self.num_stages(dims)
@@ -254,13 +255,33 @@ class HybridStrategy(MeshStrategy):
             costs = box[0]
         return make_plan(self.partition, len(net), self.num_stages(), costs=costs)
 
+    def _network(self, module: pl.LightningModule, dims: ParallelDims):
+        try:
+            return sequential_of(module, self.module_attr)
+        except TypeError as err:  # any network with split points goes through torch's tracer (pp > 1, tp = 1)
+            found = network_of(module, self.module_attr) if dims.pp > 1 else None
+            if found is None or not self._traced(found[1]):
+                raise TypeError(f"{err} {TRACER_HINT}") from None
+            return found
+
+    def _traced(self, network: nn.Module) -> bool:
+        return is_split_points(self.partition) or (not splittable(network) and calls_pipe_split(network))
+
     def _build(self, trainer: pl.Trainer) -> None:
         module = self.lightning_module
-        attr, network = sequential_of(module, self.module_attr)
         dims = self.parallel_dims
-        stage_plan = None
+        attr, network = self._network(module, dims)
+        stage_plan, holders = None, None
         net, names = network, None
-        if dims.pp > 1:
+        if dims.pp > 1 and self._traced(network):  # the tracer front end (parallel/traced.py); tp=1 only
+            example = example_inputs(trainer, module)
+            if example is None or dims.tp > 1:
+                raise ValueError(f"a traced pipeline needs tp=1 (has {dims.tp}) and an example input from {ENTRY_POINTS}.")
+            with buffers_kept(network):
+                check_forward_is_network(module, attr, example)
+            points = self.partition if is_split_points(self.partition) else ()
+            (net, names), holders, stage_plan = cut_traced(network, example, split_points=points, microbatches=self.microbatches, num_stages=self.num_stages())
+        elif dims.pp > 1:
             # an nn.Sequential is its own view; a chain of children (ResNet) is cut at its blocks
             net, names = chain_as_sequential(network)
             example = example_inputs(trainer, module)
@@ -283,6 +304,7 @@ class HybridStrategy(MeshStrategy):
         if dims.pp > 1:
             # this rank's layers under their paths in the unsplit network: state-dict and checkpoint keys unchanged
             local = [(names[int(i)], layer) for i, layer in self.net.named_layers() if not is_glue(names[int(i)])]
+            local += [pair for i, _ in self.net.named_layers() for pair in (holders[int(i)] if holders else [])]
             setattr(module, attr, LocalLayers(local))
             self._steps = PipelineSteps(self.net, module, attr)
         if dims.tp > 1:

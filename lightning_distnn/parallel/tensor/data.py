@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 __all__ = ["REPLICATE", "SHARD_CHANNELS", "SHARD_FEATURES", "STYLES", "PlanEntry", "TPPlan"]
 
 #: Style names a user plan may use.
-STYLES = ("colwise", "rowwise", "replicate", "sharded_norm", "pass")
+STYLES = ("colwise", "rowwise", "replicate", "sharded_norm", "depthwise", "pass")
 
 REPLICATE, SHARD_CHANNELS, SHARD_FEATURES = "replicate", "shard(1)", "shard(-1)"
 

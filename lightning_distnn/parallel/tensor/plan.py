@@ -17,8 +17,8 @@ from torch.distributed.tensor import Placement, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from lightning_distnn.parallel.tensor.data import REPLICATE, STYLES, PlanEntry, TPPlan
-from lightning_distnn.parallel.tensor.rules import WHOLE, Step, rule_for
-from lightning_distnn.parallel.tensor.styles import ChannelShardedNorm, ColwiseConv, RowwiseConv
+from lightning_distnn.parallel.tensor.rules import WHOLE, Step, is_depthwise, rule_for
+from lightning_distnn.parallel.tensor.styles import ChannelShardedNorm, ColwiseConv, DepthwiseConv, RowwiseConv
 from lightning_distnn.parallel.tensor.walk import Unit, leaves, overridden_chain, units, walkable
 
 __all__ = ["apply_tp", "plan_tp"]
@@ -29,6 +29,8 @@ _OUTPUT = "the network output"
 def _no_partner(rest: list[Unit], end: str) -> Optional[str]:
     """Why a column-wise layer here would have no row-wise partner (``None`` when it has one)."""
     for unit in rest:
+        if is_depthwise(unit.module):
+            continue  # runs on the shard: the conv after it is the partner
         if isinstance(unit.module, (nn.Conv2d, nn.Linear)):
             return None
         if unit.residual is not None:
@@ -67,7 +69,7 @@ class _Planner:
 
     def unit(self, unit: Unit, no_partner: Optional[str]) -> None:
         rule, user, kind = rule_for(unit.module), self.user.get(unit.name), type(unit.module).__name__
-        if user is not None and user not in rule.user_styles:
+        if user is not None and user not in rule.user_styles and not (user == "depthwise" and is_depthwise(unit.module)):
             *head, last = rule.user_styles
             raise ValueError(f"plan[{unit.name!r}]={user!r} does not apply to {kind}; use {', '.join(head)} or {last}.")
         if rule.expands and user == "replicate":
@@ -178,6 +180,8 @@ def _style_of(entry: PlanEntry, module: nn.Module) -> Optional[ParallelStyle]:
         return RowwiseParallel(input_layouts=layout(entry.input, False), output_layouts=Replicate())
     if entry.style == "sharded_norm":
         return ChannelShardedNorm()
+    if entry.style == "depthwise":
+        return DepthwiseConv()
     return None
 
 

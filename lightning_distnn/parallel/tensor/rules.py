@@ -18,7 +18,7 @@ from lightning_distnn.parallel.tensor.data import REPLICATE, SHARD_CHANNELS, SHA
 from lightning_distnn.parallel.tensor.styles import CHANNEL_NORMS
 from lightning_distnn.parallel.tensor.walk import residual_of
 
-__all__ = ["RULES", "Decision", "Rule", "Step", "rule_for", "rules_table"]
+__all__ = ["is_depthwise", "RULES", "Decision", "Rule", "Step", "rule_for", "rules_table"]
 
 ELEMENTWISE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -78,9 +78,34 @@ def _weights(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def is_depthwise(m: nn.Module) -> bool:
+    """A depthwise convolution: one filter per channel (``groups == in_channels == out_channels > 1``)."""
+    return isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels == m.out_channels
+
+
+def _depthwise(step: Step) -> Optional[Decision]:
+    """A depthwise conv on a channel shard runs on it in place (no traffic); ``None``: the ordinary rule."""
+    m, user = step.module, step.user
+    if user == "depthwise" and not is_depthwise(m):
+        raise ValueError(f"plan[{step.name!r}]='depthwise' needs a depthwise Conv2d (groups == in_channels == "
+                         f"out_channels), got groups={m.groups}, {m.in_channels} -> {m.out_channels} channels.")
+    if not is_depthwise(m) or user not in (None, "depthwise"):
+        return None
+    if step.layout == SHARD_CHANNELS and m.groups % step.tp == 0:
+        return Decision("depthwise", SHARD_CHANNELS, "depthwise: runs on its channel shard, no traffic")
+    if user == "depthwise":
+        raise ValueError(f"plan[{step.name!r}]='depthwise' needs a channel-sharded input with channels divisible by "
+                         f"tp={step.tp}: plan the conv before it 'colwise', or this one 'replicate'.")
+    return None
+
+
 def _matmul(step: Step) -> Decision:
-    """Conv2d and Linear: colwise on a replicated input (when it pays off), rowwise on a shard."""
+    """Conv2d and Linear: colwise on a replicated input (when it pays off), rowwise on a shard; a depthwise
+    conv on a channel shard stays on it."""
     m, tp, user = step.module, step.tp, step.user
+    depthwise = _depthwise(step)
+    if depthwise is not None:
+        return depthwise
     conv = isinstance(m, nn.Conv2d)
     shard = SHARD_CHANNELS if conv else SHARD_FEATURES
     out_size, in_size = (m.out_channels, m.in_channels) if conv else (m.out_features, m.in_features)
@@ -169,13 +194,14 @@ def _whole(step: Step) -> Decision:
     return Decision("replicate" if has_params else "pass", REPLICATE, note, whole=f"{step.name!r} ({step.kind})")
 
 
-_MATMUL_STYLES = ("colwise", "rowwise", "replicate")
+_MATMUL_STYLES = ("colwise", "rowwise", "replicate")  # and "depthwise" for a depthwise Conv2d (plan.py lets it through)
 _OTHER_STYLES = ("pass", "replicate", "sharded_norm")
 
 #: The table, first match wins; the last row matches every module.
 RULES: tuple[Rule, ...] = (
     Rule("Conv2d", lambda m: isinstance(m, nn.Conv2d), frozenset({REPLICATE, SHARD_CHANNELS}), _MATMUL_STYLES, _matmul,
-         "replicate in: colwise -> shard(1) if it divides and pairs, else replicate; shard(1) in: rowwise -> replicate"),
+         "replicate in: colwise -> shard(1) if it divides and pairs, else replicate; shard(1) in: rowwise -> replicate; "
+         "depthwise on shard(1): depthwise -> shard(1)"),
     Rule("Linear", lambda m: isinstance(m, nn.Linear), frozenset({REPLICATE, SHARD_FEATURES}), _MATMUL_STYLES, _matmul,
          "as Conv2d on features (shard(-1))"),
     Rule("elementwise", lambda m: isinstance(m, ELEMENTWISE), _ANY, _OTHER_STYLES, _on_shard, "pass, layout unchanged"),

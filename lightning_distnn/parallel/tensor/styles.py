@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from lightning_distnn.parallel.tensor.collectives import (
     mark,
 )
 
-__all__ = ["CHANNEL_NORMS", "ChannelShardedNorm", "ColwiseConv", "RowwiseConv"]
+__all__ = ["CHANNEL_NORMS", "ChannelShardedNorm", "ColwiseConv", "DepthwiseConv", "RowwiseConv"]
 
 #: Norms with per-channel statistics, which :class:`ChannelShardedNorm` shards.
 CHANNEL_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -47,22 +47,24 @@ def _as_dtensor_param(param: Optional[nn.Parameter], mesh: DeviceMesh, placement
     )
 
 
-def _shard_conv(style: ParallelStyle, module: nn.Module, mesh: DeviceMesh, *, dim: int, bias: Placement,
+def _shard_conv(style: ParallelStyle, module: nn.Module, mesh: DeviceMesh, *, dim: Union[int, str], bias: Placement,
                 tag: str, forward) -> nn.Module:
     """Turn ``module``'s weight into a DTensor sharded on ``dim`` (0: output, 1: input channels), its bias
     into ``bias``; swap in ``forward``. Errors name the layer's numbers and the fix."""
     name = type(style).__name__
     if not isinstance(module, nn.Conv2d):
         raise TypeError(f"{name} shards nn.Conv2d, got {type(module).__name__}: use it on a Conv2d layer.")
-    if module.groups != 1:
+    if module.groups != 1 and dim != "depthwise":
         raise ValueError(f"{name} needs groups=1, got a Conv2d with groups={module.groups}: plan it 'replicate' instead.")
-    what, channels = ("out_channels", module.out_channels) if dim == 0 else ("in_channels", module.in_channels)
+    what, channels = ("out_channels", module.out_channels) if dim in (0, "depthwise") else ("in_channels", module.in_channels)
     size = mesh.size()
     if channels % size:
         raise ValueError(
             f"{name} splits {what}={channels} over tp={size} ranks, which does not divide it: use a channel count "
             f"divisible by {size}, another tp, or plan this layer 'replicate'."
         )
+    if dim == "depthwise":  # one filter per channel: the local conv has one group per local channel
+        module.groups, dim = module.groups // size, 0
     module.weight = _as_dtensor_param(module.weight, mesh, Shard(dim), style.src_data_rank)
     if module.bias is not None:
         module.bias = _as_dtensor_param(module.bias, mesh, bias, style.src_data_rank)
@@ -151,6 +153,37 @@ def _rowwise_conv_forward(self, x):
     if self.bias is not None:
         out = out + self.bias.to_local().view(1, -1, 1, 1)
     return mark(out, mesh, Replicate(), style.use_local_output)
+
+
+class DepthwiseConv(ParallelStyle):
+    """A depthwise Conv2d (one filter per channel) on a channel-sharded activation: weight and bias ``Shard(0)``.
+
+    Each output channel depends on its own input channel only, so input and output shard together and
+    each rank convolves its channels locally (``groups`` = its channel count) with no traffic, in forward
+    and backward.
+    """
+
+    def __init__(self, *, use_local_output: bool = True) -> None:
+        super().__init__()
+        self.use_local_output = use_local_output
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not (isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels == module.out_channels):
+            raise ValueError(f"DepthwiseConv needs a depthwise Conv2d (groups == in_channels == out_channels), got "
+                             f"{module!r}: plan it 'replicate'.")
+        return _shard_conv(self, module, device_mesh, dim="depthwise", bias=Shard(0), tag="Depthwise",
+                           forward=_depthwise_conv_forward)
+
+    def __repr__(self) -> str:
+        return "DepthwiseConv()"
+
+
+def _depthwise_conv_forward(self, x):
+    mesh: DeviceMesh = self._tp_mesh
+    x = local_input(x, mesh, Shard(1), Shard(1))
+    bias = self.bias.to_local() if self.bias is not None else None
+    out = conv2d_forward(self, x, self.weight.to_local(), bias)
+    return mark(out, mesh, Shard(1), self._tp_style.use_local_output)
 
 
 class ChannelShardedNorm(ParallelStyle):

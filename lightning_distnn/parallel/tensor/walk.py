@@ -24,11 +24,15 @@ from typing import Optional
 
 from torch import nn
 
-__all__ = ["GLUE_FLATTEN", "Residual", "Unit", "chain_of", "leaves", "overridden_chain", "residual_of", "units",
+__all__ = ["GLUE", "GLUE_FLATTEN", "GLUE_POOL", "Residual", "Unit", "chain_of", "leaves", "overridden_chain", "residual_of", "units",
            "walkable"]
 
 #: Name of the synthetic unit standing for a functional ``torch.flatten(x, 1)`` in a chain's forward.
 GLUE_FLATTEN = "(torch.flatten)"
+#: ... and for MobileNetV2's functional ``adaptive_avg_pool2d(x, (1, 1))``.
+GLUE_POOL = "(adaptive_avg_pool2d)"
+#: what each glue step does, as a parameter-free module
+GLUE = {GLUE_FLATTEN: lambda: nn.Flatten(1), GLUE_POOL: lambda: nn.AdaptiveAvgPool2d((1, 1))}
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,16 @@ def _known() -> tuple[list[_Known], list[_Known]]:
         if lib is not None:  # forward: features, avgpool, torch.flatten(x, 1), classifier
             chains.append(_Known(getattr(lib, cls_name), ("forward",),
                                  steps=("features", "avgpool", GLUE_FLATTEN, "classifier")))
+    mobilenet = sys.modules.get("torchvision.models.mobilenetv2")
+    if mobilenet is not None:  # features, adaptive_avg_pool2d, flatten, classifier; a block: x + conv(x) or conv(x)
+        chains.append(_Known(mobilenet.MobileNetV2, ("forward", "_forward_impl"),
+                             steps=("features", GLUE_POOL, GLUE_FLATTEN, "classifier")))
+        blocks.append(_Known(mobilenet.InvertedResidual, ("forward",), branch=("conv",)))
+    mobilenet3 = sys.modules.get("torchvision.models.mobilenetv3")
+    if mobilenet3 is not None:
+        chains.append(_Known(mobilenet3.MobileNetV3, ("forward", "_forward_impl"),
+                             steps=("features", "avgpool", GLUE_FLATTEN, "classifier")))
+        blocks.append(_Known(mobilenet3.InvertedResidual, ("forward",), branch=("block",)))
     return chains, blocks
 
 
@@ -114,8 +128,8 @@ def _unit(name: str, module: nn.Module) -> list[Unit]:
     block = residual_of(module)
     if block is None:
         return [Unit(name, module)]
-    branch = [Unit(_join(name, child), getattr(module, child)) for child in block.branch]
-    shortcut = getattr(module, block.shortcut, None)
+    branch = [u for child in block.branch for u in _unit(_join(name, child), getattr(module, child))]
+    shortcut = getattr(module, block.shortcut, None) if block.shortcut else None
     if shortcut is not None:
         shortcut = Unit(_join(name, block.shortcut), shortcut)
     return [Unit(name, module, Residual(branch, shortcut))]
@@ -133,8 +147,8 @@ def units(module: nn.Module, prefix: str = "") -> list[Unit]:
         raise TypeError(f"{type(module).__name__} is neither an nn.Sequential nor a known chain of children.")
     out = []
     for step in chain.steps:
-        if step == GLUE_FLATTEN:
-            out.append(Unit(_join(prefix, step), nn.Flatten(1)))
+        if step in GLUE:
+            out.append(Unit(_join(prefix, step), GLUE[step]()))
         else:
             out.extend(_unit(_join(prefix, step), getattr(module, step)))
     return out
