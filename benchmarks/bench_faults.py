@@ -102,10 +102,15 @@ class NodeKiller(pl.Callback):
     def __init__(self, node: int, at_step: int, ckpt, ranks_per_node: int) -> None:
         self.node, self.at_step, self.ckpt, self.ranks_per_node = node, at_step, ckpt, ranks_per_node
 
+    def _doomed(self, trainer) -> bool:
+        if self.node < 0:  # the node whose environment says so (the simulated cluster's node that dies)
+            return os.environ.get("DISTNN_DOOMED_NODE") == "1"
+        return trainer.global_rank // self.ranks_per_node == self.node
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step != self.at_step:
             return
-        if trainer.global_rank // self.ranks_per_node == self.node:
+        if self._doomed(trainer):
             from lightning_distnn.checkpoint import newest_complete_checkpoint
 
             want = self.ckpt.saved_steps[-1] if self.ckpt.saved_steps else None
@@ -115,7 +120,8 @@ class NodeKiller(pl.Callback):
                 if found is not None and found.name == f"step-{want:08d}":
                     break
                 time.sleep(0.1)
-            print(f"[elastic] node {self.node} dies at step {self.at_step} t={time.time():.3f}", flush=True)
+            who = os.environ.get("DISTNN_NODE_ADDR", self.node)
+            print(f"[elastic] node {who} dies at step {self.at_step} t={time.time():.3f}", flush=True)
             if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("DISTNN_KILL_AGENT") == "1":
                 os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -151,7 +157,8 @@ def elastic(args) -> None:
     )
     start = resume_path(args.resume if args.resume != "auto" else "auto", args.dir)
     if trainer.is_global_zero:
-        print(f"[elastic] world {world}: resume from {start}", flush=True)
+        print(f"[elastic] world {world}: resume from {start} (restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)})",
+              flush=True)
     fit_start = time.perf_counter()
     model = tiny_classifier(conv_filters=args.conv_filters, fc_width=args.fc_width, image_size=16)
     trainer.fit(model, FixedDataModule(x, y, batch_size=args.batch), ckpt_path=start)
@@ -200,6 +207,57 @@ def bench_node_loss(every: int, workdir: str, timeout: float = 900) -> dict:
     return {"K": every, "killed_at": kill_at, "resumed_from": int(resumed[-1]), "lost": kill_at - int(resumed[-1]),
             "death_to_exit_s": exited - death[0][1], "exit_to_training_s": starts[-1][1] - exited,
             "death_to_training_s": starts[-1][1] - death[0][1], "finished": done[-1] if done else "no", "rc": rc2}
+
+
+def cluster_node_loss(args_list, *, workdir: str, procs_per_node: int = 2, max_restarts: int = 1,
+                      timeout: float = 900, keep_alive: int = 1, last_call: int = 2) -> dict:
+    """Two simulated nodes (network namespaces) x ``procs_per_node``, each with its own torchrun agent under
+    elastic rendezvous (``--rdzv-backend c10d --nnodes 1:2 --max-restarts N``); the ``elastic`` attempt runs
+    with ``args_list`` and node 1 marked as the one that dies (``--kill-node -1``).
+
+    Node 0's agent hosts the c10d rendezvous store (``is_host=1``): torch's c10d backend keeps the
+    rendezvous in that agent's process, so only a node other than the store's host can be lost (use etcd or
+    a separate store for that). ``keep_alive`` x 3 s after its last keep-alive the dead agent is dropped
+    from the rendezvous; ``last_call`` s later the survivor's new round closes at 1 node. Returns each node's
+    exit code and output and when node 0's torchrun ended.
+    """
+    from lightning_distnn.testing import free_port
+    from lightning_distnn.testing.cluster import SimulatedCluster
+    from lightning_distnn.testing.cluster_netns import _terminate
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # torchrun's agents share one TCPStore with their workers across restarts, without a prefix per attempt: a
+    # restarted worker can read the gloo addresses of the attempt before ("Connection refused" in new_group).
+    # A store per attempt (rank 0's worker hosts it) avoids that; see docs/faults.md.
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    port, run_id = free_port(), f"elastic{os.getpid()}"
+    with SimulatedCluster(nodes=2, procs_per_node=procs_per_node) as cluster:
+        endpoint = f"{cluster.plan.master_addr}:{port}"
+        procs, logs = [], []
+        for node in cluster.nodes:
+            conf = (f"is_host={int(node.rank == 0)},last_call_timeout={last_call},keep_alive_interval={keep_alive},"
+                    f"keep_alive_max_attempt=3")
+            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node",
+                    str(procs_per_node), "--max-restarts", str(max_restarts), "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", endpoint, "--rdzv-id", run_id, "--rdzv-conf", conf,
+                    "--local-addr", node.address, "--monitor-interval", "0.5",
+                    os.path.abspath(__file__), "elastic", *args_list, "--kill-node", "-1"]
+            log = os.path.join(workdir, f"node{node.rank}.log")
+            logs.append(log)
+            with open(log, "w") as fh:
+                procs.append(cluster.popen(node.rank, argv, env=dict(env, DISTNN_DOOMED_NODE=str(node.rank), DISTNN_KILL_AGENT="1"),
+                                           stdout=fh, stderr=subprocess.STDOUT))
+            time.sleep(1.0)  # node 0's agent opens the rendezvous store first
+        try:
+            rc0 = procs[0].wait(timeout=timeout)
+            ended = time.time()
+            procs[1].wait(timeout=30)
+        finally:
+            for proc in procs:
+                _terminate(proc)
+    outputs = [open(log, errors="replace").read() for log in logs]
+    return {"rc": [p.returncode for p in procs], "out": outputs, "ended": ended}
 
 
 def bench_save(workdir: str, every: int = 5, steps: int = 40) -> dict:
@@ -313,7 +371,8 @@ def main(argv=None) -> None:
     e.add_argument("--batch", type=int, default=8, help="per-rank batch")
     e.add_argument("--timeout", type=float, default=120.0)
     e.add_argument("--resume", default="auto", help="'auto', 'never' or a checkpoint path")
-    e.add_argument("--kill-node", type=int, default=None)
+    e.add_argument("--kill-node", type=int, default=None,
+                   help="node index to kill (rank // ranks-per-node); -1: the node with DISTNN_DOOMED_NODE=1")
     e.add_argument("--kill-at", type=int, default=13)
     e.add_argument("--ranks-per-node", type=int, default=None, help="default: torchrun's LOCAL_WORLD_SIZE")
     e.add_argument("--min-world", type=int, default=2, help="no node is killed at this world size or below")
