@@ -140,6 +140,17 @@ class Heartbeat:
             self.store.set(f"fail/{self.rank}", payload)
             self.store.add("fail_count", 1)
 
+    def mark_exiting(self) -> None:
+        """Stop beating and record that this rank is about to exit (the reporter waits for these marks, so
+        the store's host, often rank 0, does not leave while others still talk to it)."""
+        self._stop.set()
+        with self._lock:
+            self.store.set(f"exiting/{self.rank}", b"1")
+
+    def exited(self) -> set[int]:
+        """Ranks that marked themselves exiting."""
+        return {r for r in range(self.world_size) if self._get(f"exiting/{r}") is not None}
+
     def claim_report(self) -> bool:
         """True for exactly one caller per run: the rank that prints the message."""
         with self._lock:

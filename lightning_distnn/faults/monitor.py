@@ -33,6 +33,16 @@ def _settle(heartbeat: Heartbeat, grace: float) -> None:
         time.sleep(0.2)
 
 
+def _await_exits(heartbeat: Heartbeat, report: FaultReport, timeout: float) -> None:
+    """The reporter leaves last (up to ``timeout`` s): it may host the run's store (rank 0 of a launcher), and a
+    rank still reading it when it goes prints C++ store warnings instead of exiting quietly."""
+    waiting = {r.rank for r in report.ranks if not r.culprit} - {heartbeat.rank}
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        waiting -= heartbeat.exited()
+        time.sleep(0.1)
+
+
 def handle_failure(
     heartbeat: Heartbeat,
     error: BaseException | str,
@@ -62,6 +72,9 @@ def handle_failure(
             log.debug("fault report:\n%s", report)
             stopped_here = [c.pid for c in report.culprits if c.state == "stopped" and c.host == heartbeat.host]
             kill_processes(stopped_here)
+            _await_exits(heartbeat, report, grace + 2.0)
+        else:
+            heartbeat.mark_exiting()
     except Exception as exc:  # noqa: BLE001 - the store may be gone with its host; still end quietly
         if heartbeat.rank == 0 and isinstance(exc, (dist.DistStoreError, ConnectionError, TimeoutError)):
             print(f"[distnn] rank 0 failed ({error}); the run's store is unreachable ({exc}).", file=sys.stderr)
