@@ -28,12 +28,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-STRATEGY_WORLD = {"dp": 2, "ps": 2, "local_sgd": 2, "pipeline": 2, "tp": 2, "hybrid": 4, "ddp": 2}
+STRATEGY_WORLD = {"dp": 2, "ps": 2, "ps_async": 2, "local_sgd": 2, "feature": 2, "pipeline": 2, "tp": 2, "hybrid": 4,
+                  "ddp": 2}
 
 
-def make_strategy(name: str, timeout: float):
+def make_strategy(name: str, timeout: float, **kwargs):
     from lightning_distnn.strategies import (
         DataParallelStrategy,
+        FeatureParallelStrategy,
         HybridStrategy,
         LocalSGDStrategy,
         ParameterServerStrategy,
@@ -48,12 +50,14 @@ def make_strategy(name: str, timeout: float):
 
         return DDPStrategy(timeout=timedelta(seconds=timeout))
     return {
-        "dp": lambda: DataParallelStrategy(timeout=timeout),
-        "ps": lambda: ParameterServerStrategy(timeout=timeout),
-        "local_sgd": lambda: LocalSGDStrategy(timeout=timeout, local_sgd_period=1),
-        "pipeline": lambda: PipelineStrategy(timeout=timeout, microbatches=2),
-        "tp": lambda: TensorParallelStrategy(timeout=timeout),
-        "hybrid": lambda: HybridStrategy(dp=2, pp=2, timeout=timeout, microbatches=2),
+        "dp": lambda: DataParallelStrategy(timeout=timeout, **kwargs),
+        "ps": lambda: ParameterServerStrategy(timeout=timeout, **kwargs),
+        "ps_async": lambda: ParameterServerStrategy(timeout=timeout, ps_mode="async", **kwargs),
+        "local_sgd": lambda: LocalSGDStrategy(timeout=timeout, local_sgd_period=1, **kwargs),
+        "feature": lambda: FeatureParallelStrategy(timeout=timeout, **kwargs),
+        "pipeline": lambda: PipelineStrategy(timeout=timeout, microbatches=2, **kwargs),
+        "tp": lambda: TensorParallelStrategy(timeout=timeout, **kwargs),
+        "hybrid": lambda: HybridStrategy(dp=2, pp=2, timeout=timeout, microbatches=2, **kwargs),
     }[name]()
 
 
@@ -72,7 +76,7 @@ class Saboteur(pl.Callback):
 
 def victim(args) -> None:
     import lightning_distnn  # noqa: F401 - registers the strategies
-    from lightning_distnn.faults import FaultMonitor
+    from lightning_distnn.faults import FaultMonitor, RankFailedError
     from lightning_distnn.testing.equivalence import FixedDataModule, digits_tensors, tiny_classifier
 
     world = STRATEGY_WORLD[args.strategy]
@@ -81,14 +85,28 @@ def victim(args) -> None:
         raise SystemExit(f"--strategy {args.strategy} runs on {world} processes, torchrun gave {os.environ['WORLD_SIZE']}")
     torch.set_num_threads(1)
     x, y = digits_tensors(512)
-    callbacks = [FaultMonitor(grace=args.grace, hang_after=args.hang_after)] if args.monitor else []
+    monitor = FaultMonitor(grace=args.grace, hang_after=args.hang_after,
+                           on_failure="raise" if args.raise_ else "exit") if args.monitor or args.raise_ else None
+    callbacks = [monitor] if monitor is not None and not args.raise_ else []
     callbacks.append(Saboteur(args.victim, getattr(signal, f"SIG{args.signal}"), args.at_step))
+    kwargs = {"fault_monitor": monitor} if args.raise_ else {}  # the strategy argument adds it
     trainer = pl.Trainer(
-        accelerator="cpu", devices=world, strategy=make_strategy(args.strategy, args.timeout), max_steps=args.steps,
-        callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu", devices=world, strategy=make_strategy(args.strategy, args.timeout, **kwargs),
+        max_steps=args.steps, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )
-    trainer.fit(tiny_classifier(), FixedDataModule(x, y, batch_size=8))
+    if args.strategy == "feature":
+        from lightning_distnn.models import SplitClassifier
+
+        torch.manual_seed(0)
+        model = SplitClassifier(parts=world, sample_shape=(3, 16, 16), width=4, embed_dim=8, top_width=16)
+    else:
+        model = tiny_classifier()
+    try:
+        trainer.fit(model, FixedDataModule(x, y, batch_size=8))
+    except RankFailedError as err:  # on_failure="raise": the process the user started gets the message
+        print(f"[victim] rank {trainer.global_rank} caught RankFailedError: {str(err)[:80]}...", flush=True)
+        raise SystemExit(3)
     print(f"[victim] rank {trainer.global_rank} finished {trainer.global_step} steps", flush=True)
 
 
@@ -360,6 +378,9 @@ def main(argv=None) -> None:
     v.add_argument("--grace", type=float, default=2.0)
     v.add_argument("--fault-monitor", "--monitor", dest="monitor", action="store_true")
     v.add_argument("--hang-after", type=float, default=None, help="FaultMonitor(hang_after=...), default: timeout")
+    v.add_argument("--raise", dest="raise_", action="store_true",
+                   help="the strategy's fault_monitor= argument with FaultMonitor(on_failure='raise'): fit raises "
+                        "RankFailedError in the launching process (which then exits with code 3)")
     v.set_defaults(fn=victim)
     e = sub.add_parser("elastic", help="one attempt of an elastic run (start it with torchrun)")
     e.add_argument("--dir", required=True, help="the run's checkpoint directory")

@@ -34,7 +34,7 @@ from typing import Optional, Union
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from lightning_distnn._compat import lightning_checkpoint
+from lightning_distnn._compat import lightning_checkpoint, unwrap_optimizers
 from lightning_distnn.checkpoint import (
     newest_complete_checkpoint,
     save_distributed,
@@ -141,7 +141,7 @@ class ElasticCheckpoint(Callback):
                                                         use_async_staging=True, use_non_blocking_copy=False))
 
     def _optimizers(self, trainer) -> list:
-        return [getattr(o, "_optimizer", o) for o in trainer.optimizers]
+        return unwrap_optimizers(trainer.optimizers)
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is complete; re-raise its error."""
