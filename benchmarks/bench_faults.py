@@ -6,7 +6,9 @@ Commands (one machine; every run is 2-4 gloo processes and a tiny CNN on digits)
     python benchmarks/bench_faults.py victim --strategy dp --signal KILL --victim 1 --at-step 3 --timeout 20 [--monitor]
     # the same under torchrun
     torchrun --nproc-per-node 2 benchmarks/bench_faults.py victim --strategy dp --signal STOP --monitor
-    # the benchmark: node death -> training again on the survivors (K = 10, 50), async vs sync save
+    # the benchmark: node death -> training again on the survivors (K = 10, 50), async vs sync save. As root with
+    # iproute2 the node part runs on the simulated cluster (2 namespaced nodes, a torchrun agent each, the
+    # survivor's agent restarts its workers: --max-restarts 1); elsewhere the survivors are restarted by hand
     python benchmarks/bench_faults.py bench
 
 ``victim`` prints ``[victim] ...`` lines; with ``--monitor`` the run uses
@@ -28,12 +30,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-STRATEGY_WORLD = {"dp": 2, "ps": 2, "local_sgd": 2, "pipeline": 2, "tp": 2, "hybrid": 4, "ddp": 2}
+STRATEGY_WORLD = {"dp": 2, "ps": 2, "ps_async": 2, "local_sgd": 2, "feature": 2, "pipeline": 2, "tp": 2, "hybrid": 4,
+                  "ddp": 2}
 
 
-def make_strategy(name: str, timeout: float):
+def make_strategy(name: str, timeout: float, **kwargs):
     from lightning_distnn.strategies import (
         DataParallelStrategy,
+        FeatureParallelStrategy,
         HybridStrategy,
         LocalSGDStrategy,
         ParameterServerStrategy,
@@ -48,12 +52,14 @@ def make_strategy(name: str, timeout: float):
 
         return DDPStrategy(timeout=timedelta(seconds=timeout))
     return {
-        "dp": lambda: DataParallelStrategy(timeout=timeout),
-        "ps": lambda: ParameterServerStrategy(timeout=timeout),
-        "local_sgd": lambda: LocalSGDStrategy(timeout=timeout, local_sgd_period=1),
-        "pipeline": lambda: PipelineStrategy(timeout=timeout, microbatches=2),
-        "tp": lambda: TensorParallelStrategy(timeout=timeout),
-        "hybrid": lambda: HybridStrategy(dp=2, pp=2, timeout=timeout, microbatches=2),
+        "dp": lambda: DataParallelStrategy(timeout=timeout, **kwargs),
+        "ps": lambda: ParameterServerStrategy(timeout=timeout, **kwargs),
+        "ps_async": lambda: ParameterServerStrategy(timeout=timeout, ps_mode="async", **kwargs),
+        "local_sgd": lambda: LocalSGDStrategy(timeout=timeout, local_sgd_period=1, **kwargs),
+        "feature": lambda: FeatureParallelStrategy(timeout=timeout, **kwargs),
+        "pipeline": lambda: PipelineStrategy(timeout=timeout, microbatches=2, **kwargs),
+        "tp": lambda: TensorParallelStrategy(timeout=timeout, **kwargs),
+        "hybrid": lambda: HybridStrategy(dp=2, pp=2, timeout=timeout, microbatches=2, **kwargs),
     }[name]()
 
 
@@ -72,7 +78,7 @@ class Saboteur(pl.Callback):
 
 def victim(args) -> None:
     import lightning_distnn  # noqa: F401 - registers the strategies
-    from lightning_distnn.faults import FaultMonitor
+    from lightning_distnn.faults import FaultMonitor, RankFailedError
     from lightning_distnn.testing.equivalence import FixedDataModule, digits_tensors, tiny_classifier
 
     world = STRATEGY_WORLD[args.strategy]
@@ -81,14 +87,28 @@ def victim(args) -> None:
         raise SystemExit(f"--strategy {args.strategy} runs on {world} processes, torchrun gave {os.environ['WORLD_SIZE']}")
     torch.set_num_threads(1)
     x, y = digits_tensors(512)
-    callbacks = [FaultMonitor(grace=args.grace, hang_after=args.hang_after)] if args.monitor else []
+    monitor = FaultMonitor(grace=args.grace, hang_after=args.hang_after,
+                           on_failure="raise" if args.raise_ else "exit") if args.monitor or args.raise_ else None
+    callbacks = [monitor] if monitor is not None and not args.raise_ else []
     callbacks.append(Saboteur(args.victim, getattr(signal, f"SIG{args.signal}"), args.at_step))
+    kwargs = {"fault_monitor": monitor} if args.raise_ else {}  # the strategy argument adds it
     trainer = pl.Trainer(
-        accelerator="cpu", devices=world, strategy=make_strategy(args.strategy, args.timeout), max_steps=args.steps,
-        callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu", devices=world, strategy=make_strategy(args.strategy, args.timeout, **kwargs),
+        max_steps=args.steps, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )
-    trainer.fit(tiny_classifier(), FixedDataModule(x, y, batch_size=8))
+    if args.strategy == "feature":
+        from lightning_distnn.models import SplitClassifier
+
+        torch.manual_seed(0)
+        model = SplitClassifier(parts=world, sample_shape=(3, 16, 16), width=4, embed_dim=8, top_width=16)
+    else:
+        model = tiny_classifier()
+    try:
+        trainer.fit(model, FixedDataModule(x, y, batch_size=8))
+    except RankFailedError as err:  # on_failure="raise": the process the user started gets the message
+        print(f"[victim] rank {trainer.global_rank} caught RankFailedError: {str(err)[:80]}...", flush=True)
+        raise SystemExit(3)
     print(f"[victim] rank {trainer.global_rank} finished {trainer.global_step} steps", flush=True)
 
 
@@ -102,10 +122,15 @@ class NodeKiller(pl.Callback):
     def __init__(self, node: int, at_step: int, ckpt, ranks_per_node: int) -> None:
         self.node, self.at_step, self.ckpt, self.ranks_per_node = node, at_step, ckpt, ranks_per_node
 
+    def _doomed(self, trainer) -> bool:
+        if self.node < 0:  # the node whose environment says so (the simulated cluster's node that dies)
+            return os.environ.get("DISTNN_DOOMED_NODE") == "1"
+        return trainer.global_rank // self.ranks_per_node == self.node
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step != self.at_step:
             return
-        if trainer.global_rank // self.ranks_per_node == self.node:
+        if self._doomed(trainer):
             from lightning_distnn.checkpoint import newest_complete_checkpoint
 
             want = self.ckpt.saved_steps[-1] if self.ckpt.saved_steps else None
@@ -115,7 +140,8 @@ class NodeKiller(pl.Callback):
                 if found is not None and found.name == f"step-{want:08d}":
                     break
                 time.sleep(0.1)
-            print(f"[elastic] node {self.node} dies at step {self.at_step} t={time.time():.3f}", flush=True)
+            who = os.environ.get("DISTNN_NODE_ADDR", self.node)
+            print(f"[elastic] node {who} dies at step {self.at_step} t={time.time():.3f}", flush=True)
             if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("DISTNN_KILL_AGENT") == "1":
                 os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -151,7 +177,8 @@ def elastic(args) -> None:
     )
     start = resume_path(args.resume if args.resume != "auto" else "auto", args.dir)
     if trainer.is_global_zero:
-        print(f"[elastic] world {world}: resume from {start}", flush=True)
+        print(f"[elastic] world {world}: resume from {start} (restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)})",
+              flush=True)
     fit_start = time.perf_counter()
     model = tiny_classifier(conv_filters=args.conv_filters, fc_width=args.fc_width, image_size=16)
     trainer.fit(model, FixedDataModule(x, y, batch_size=args.batch), ckpt_path=start)
@@ -177,29 +204,90 @@ def _times(log: str, pattern: str) -> list[tuple[str, float]]:
 
 
 def bench_node_loss(every: int, workdir: str, timeout: float = 900) -> dict:
-    """2 "nodes" x 2 processes (torchrun); node 1 dies at step 2.8K; the survivors' restart (2 processes,
-    ``resume="auto"``) is launched the moment the first job has exited, as a supervisor would."""
+    """2 nodes x 2 processes; node 1 dies at step 2.8K. On the simulated cluster (root + iproute2) each node runs
+    its own torchrun agent and node 0's agent restarts its workers by itself (``--max-restarts 1``); elsewhere
+    the survivors' job (2 processes, ``resume="auto"``) is started by hand the moment the first has exited."""
+    from lightning_distnn.testing.cluster import unsupported_reason
+
     kill_at = 2 * every + (4 * every) // 5
     steps = kill_at + every
     run_dir = os.path.join(workdir, f"k{every}")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     common = ["--dir", run_dir, "--every", str(every), "--steps", str(steps), "--samples", "4096", "--timeout", "300"]
-    logs = [os.path.join(workdir, f"k{every}-attempt{n}.log") for n in (1, 2)]
-    rc1 = _torchrun(4, common + ["--kill-node", "1", "--kill-at", str(kill_at), "--ranks-per-node", "2"], env,
-                    logs[0], timeout)
-    exited = time.time()
-    rc2 = _torchrun(2, common, env, logs[1], timeout)
-    first, second = (open(f).read() for f in logs)
-    death = _times(first, r"\[elastic\] node (1) dies at step \d+ t=([\d.]+)")
+    if unsupported_reason() is None:
+        logdir = os.path.join(workdir, f"k{every}-cluster")
+        os.makedirs(logdir, exist_ok=True)
+        res = cluster_node_loss(common + ["--kill-at", str(kill_at)], workdir=logdir, timeout=timeout)
+        survivor, lost_node = res["out"]
+        how, rc1, rc2, first, second = "torchrun agent (--max-restarts 1)", res["rc"][1], res["rc"][0], lost_node, survivor
+    else:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+                   PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        logs = [os.path.join(workdir, f"k{every}-attempt{n}.log") for n in (1, 2)]
+        rc1 = _torchrun(4, common + ["--kill-node", "1", "--kill-at", str(kill_at), "--ranks-per-node", "2"], env,
+                        logs[0], timeout)
+        rc2 = _torchrun(2, common, env, logs[1], timeout)
+        first, second = (open(f).read() for f in logs)
+        how = "by hand (no namespaces here)"
+    death = _times(first, r"\[elastic\] node (\S+) dies at step \d+ t=([\d.]+)")
     starts = _times(second, r"\[elastic\] training at step (\d+) on 2 processes t=([\d.]+)")
     resumed = re.findall(r"\[elastic\] world 2: resume from \S*step-(\d+)", second)
     done = re.findall(r"\[elastic\] done (\d+) steps", second)
     if not death or not starts or not resumed or rc1 == 0:
-        raise RuntimeError(f"K={every}: the run did not die and resume as planned (rc {rc1}, {rc2}); logs: {logs}")
-    return {"K": every, "killed_at": kill_at, "resumed_from": int(resumed[-1]), "lost": kill_at - int(resumed[-1]),
-            "death_to_exit_s": exited - death[0][1], "exit_to_training_s": starts[-1][1] - exited,
-            "death_to_training_s": starts[-1][1] - death[0][1], "finished": done[-1] if done else "no", "rc": rc2}
+        raise RuntimeError(f"K={every}: the run did not die and resume as planned (rc {rc1}, {rc2}):\n{second[-3000:]}")
+    return {"K": every, "how": how, "killed_at": kill_at, "resumed_from": int(resumed[-1]),
+            "lost": kill_at - int(resumed[-1]), "death_to_training_s": starts[-1][1] - death[0][1],
+            "finished": done[-1] if done else "no", "rc": rc2}
+
+
+def cluster_node_loss(args_list, *, workdir: str, procs_per_node: int = 2, max_restarts: int = 1,
+                      timeout: float = 900, keep_alive: int = 1, last_call: int = 2) -> dict:
+    """Two simulated nodes (network namespaces) x ``procs_per_node``, each with its own torchrun agent under
+    elastic rendezvous (``--rdzv-backend c10d --nnodes 1:2 --max-restarts N``); the ``elastic`` attempt runs
+    with ``args_list`` and node 1 marked as the one that dies (``--kill-node -1``).
+
+    Node 0's agent hosts the c10d rendezvous store (``is_host=1``): torch's c10d backend keeps the
+    rendezvous in that agent's process, so only a node other than the store's host can be lost (use etcd or
+    a separate store for that). ``keep_alive`` x 3 s after its last keep-alive the dead agent is dropped
+    from the rendezvous; ``last_call`` s later the survivor's new round closes at 1 node. Returns each node's
+    exit code and output and when node 0's torchrun ended.
+    """
+    from lightning_distnn.testing import free_port
+    from lightning_distnn.testing.cluster import SimulatedCluster
+    from lightning_distnn.testing.cluster_netns import _terminate
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # torchrun's agents share one TCPStore with their workers across restarts, without a prefix per attempt: a
+    # restarted worker can read the gloo addresses of the attempt before ("Connection refused" in new_group).
+    # A store per attempt (rank 0's worker hosts it) avoids that; see docs/faults.md.
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    port, run_id = free_port(), f"elastic{os.getpid()}"
+    with SimulatedCluster(nodes=2, procs_per_node=procs_per_node) as cluster:
+        endpoint = f"{cluster.plan.master_addr}:{port}"
+        procs, logs = [], []
+        for node in cluster.nodes:
+            conf = (f"is_host={int(node.rank == 0)},last_call_timeout={last_call},keep_alive_interval={keep_alive},"
+                    f"keep_alive_max_attempt=3")
+            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node",
+                    str(procs_per_node), "--max-restarts", str(max_restarts), "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", endpoint, "--rdzv-id", run_id, "--rdzv-conf", conf,
+                    "--local-addr", node.address, "--monitor-interval", "0.5",
+                    os.path.abspath(__file__), "elastic", *args_list, "--kill-node", "-1"]
+            log = os.path.join(workdir, f"node{node.rank}.log")
+            logs.append(log)
+            with open(log, "w") as fh:
+                procs.append(cluster.popen(node.rank, argv, env=dict(env, DISTNN_DOOMED_NODE=str(node.rank), DISTNN_KILL_AGENT="1"),
+                                           stdout=fh, stderr=subprocess.STDOUT))
+            time.sleep(1.0)  # node 0's agent opens the rendezvous store first
+        try:
+            rc0 = procs[0].wait(timeout=timeout)
+            ended = time.time()
+            procs[1].wait(timeout=30)
+        finally:
+            for proc in procs:
+                _terminate(proc)
+    outputs = [open(log, errors="replace").read() for log in logs]
+    return {"rc": [p.returncode for p in procs], "out": outputs, "ended": ended}
 
 
 def bench_save(workdir: str, every: int = 5, steps: int = 40) -> dict:
@@ -280,12 +368,12 @@ def bench(args) -> None:
               f"{sync['saves']} checkpoints of a {64}-filter/{1024}-wide CNN")
     if "node" in args.parts:
         rows = [bench_node_loss(k, workdir) for k in args.every]
-        print("\n| K | node killed at step | resumed from | steps lost | death -> job ended (s) | "
-              "restart -> training (s) | death -> training on survivors (s) | steps done |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| K | restart | node killed at step | resumed from | steps lost | death -> training on survivors (s) "
+              "| steps done |")
+        print("|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['K']} | {r['killed_at']} | {r['resumed_from']} | {r['lost']} | {r['death_to_exit_s']:.1f} | "
-                  f"{r['exit_to_training_s']:.1f} | {r['death_to_training_s']:.1f} | {r['finished']} |")
+            print(f"| {r['K']} | {r['how']} | {r['killed_at']} | {r['resumed_from']} | {r['lost']} | "
+                  f"{r['death_to_training_s']:.1f} | {r['finished']} |")
 
 
 def main(argv=None) -> None:
@@ -302,6 +390,9 @@ def main(argv=None) -> None:
     v.add_argument("--grace", type=float, default=2.0)
     v.add_argument("--fault-monitor", "--monitor", dest="monitor", action="store_true")
     v.add_argument("--hang-after", type=float, default=None, help="FaultMonitor(hang_after=...), default: timeout")
+    v.add_argument("--raise", dest="raise_", action="store_true",
+                   help="the strategy's fault_monitor= argument with FaultMonitor(on_failure='raise'): fit raises "
+                        "RankFailedError in the launching process (which then exits with code 3)")
     v.set_defaults(fn=victim)
     e = sub.add_parser("elastic", help="one attempt of an elastic run (start it with torchrun)")
     e.add_argument("--dir", required=True, help="the run's checkpoint directory")
@@ -313,7 +404,8 @@ def main(argv=None) -> None:
     e.add_argument("--batch", type=int, default=8, help="per-rank batch")
     e.add_argument("--timeout", type=float, default=120.0)
     e.add_argument("--resume", default="auto", help="'auto', 'never' or a checkpoint path")
-    e.add_argument("--kill-node", type=int, default=None)
+    e.add_argument("--kill-node", type=int, default=None,
+                   help="node index to kill (rank // ranks-per-node); -1: the node with DISTNN_DOOMED_NODE=1")
     e.add_argument("--kill-at", type=int, default=13)
     e.add_argument("--ranks-per-node", type=int, default=None, help="default: torchrun's LOCAL_WORLD_SIZE")
     e.add_argument("--min-world", type=int, default=2, help="no node is killed at this world size or below")

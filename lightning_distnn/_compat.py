@@ -135,25 +135,129 @@ def preserved_rng() -> Iterator[None]:
                 np.random.set_state(np_state)
 
 
-def delay_lightning_observer(grace: float) -> None:
-    """Make Lightning's child-process observer wait ``grace`` s before it SIGKILLs the launching rank.
+# ---- faults: Lightning's launcher and its child-process observer (lightning_distnn.faults) ----------
+# Lightning's ``_SubprocessScriptLauncher.launch`` (2.1-2.6) re-executes the script per local rank and starts
+# a ``_ChildProcessObserver`` thread that, within 5 s of a child exiting non-zero, SIGKILLs every child *and
+# the launching process*: rank 0 is often killed before it can name the dead rank. Our strategies use a
+# subclass of that launcher whose observer waits ``termination_delay`` seconds first (the FaultMonitor sets
+# it to its ``grace + 3``). If Lightning renames the launcher, the observer or the methods used here
+# (``_call_children_scripts``, ``_terminate_all``), the strategies keep Lightning's own launcher (see
+# :func:`patient_launcher`): the job still ends, only the one message can be cut short
+# (tests/test_faults.py checks the message).
 
-    Lightning's ``_ChildProcessObserver`` thread (named "child-process-observer", started by
-    ``_SubprocessScriptLauncher.launch``, Lightning 2.1-2.6) kills rank 0 within 5 s of a child's death,
-    often before rank 0 could name the dead rank (``faults.FaultMonitor``). We wrap its
-    ``_terminate_all`` on the running thread. If Lightning renames either, nothing is wrapped: the job
-    still ends, only the one message can be cut short (tests/test_faults.py checks the message)."""
+_PATIENT: dict = {}
+_OBSERVER = {"stand_down": False}
+
+
+def stand_down_observer() -> None:
+    """From now on the observer kills only the children, not the launching process: ``trainer.fit`` raises
+    ``RankFailedError`` there (``FaultMonitor(on_failure="raise")``) and the user's code goes on."""
+    _OBSERVER["stand_down"] = True
+
+
+def _terminate(observer, terminate_all) -> None:
+    if not _OBSERVER["stand_down"]:
+        terminate_all()
+        return
+    import signal
+
+    for proc in observer._child_processes:
+        proc.send_signal(signal.SIGKILL)
+
+
+def _patient_launcher_class():
+    """The launcher subclass (built on first use: Lightning is imported lazily here)."""
+    if "cls" in _PATIENT:
+        return _PATIENT["cls"]
+    import os
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+    from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    class _PatientObserver(_ChildProcessObserver):
+        def __init__(self, launcher, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self._launcher = launcher
+
+        def _terminate_all(self) -> None:
+            time.sleep(self._launcher.termination_delay)  # rank 0 names the dead rank first
+            _terminate(self, super()._terminate_all)
+
+    class PatientSubprocessScriptLauncher(_SubprocessScriptLauncher):
+        """Lightning's script launcher whose child-process observer waits ``termination_delay`` s after a
+        child died before it SIGKILLs the others and the launching process (Lightning's waits 0-5 s)."""
+
+        termination_delay: float = 5.0
+
+        def launch(self, function, *args, trainer=None, **kwargs):
+            self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+            if not self.cluster_environment.creates_processes_externally:
+                self._call_children_scripts()
+                _PatientObserver(self, main_pid=os.getpid(), child_processes=self.procs).start()
+            _set_num_threads_if_needed(num_processes=self.num_processes)
+            return function(*args, **kwargs)
+
+    _PATIENT["cls"] = PatientSubprocessScriptLauncher
+    return PatientSubprocessScriptLauncher
+
+
+def patient_launcher(launcher):
+    """``launcher`` as a :func:`_patient_launcher_class` instance when it is exactly Lightning's script
+    launcher (``strategy="..."`` with the default ``start_method="popen"``); any other launcher (spawn,
+    none) is returned as it is. Called by ``MeshStrategy._configure_launcher``."""
+    try:
+        from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+        cls = _patient_launcher_class()
+    except (ImportError, AttributeError):  # Lightning moved things: keep its launcher
+        return launcher
+    if type(launcher) is not _SubprocessScriptLauncher:
+        return launcher
+    return cls(launcher.cluster_environment, launcher.num_processes, launcher.num_nodes)
+
+
+def delay_child_observer(launcher, delay: float) -> None:
+    """Make the launcher's child-process observer wait ``delay`` s before it kills the launching rank.
+
+    Our launcher (:func:`patient_launcher`) has a public ``termination_delay``. Under a strategy that is
+    not ours (e.g. Lightning's ``DDPStrategy`` with a ``FaultMonitor``) Lightning's observer thread is
+    already running: its ``_terminate_all`` is wrapped on the running thread (the only instance wrap left;
+    if Lightning renames the thread or the method, nothing is wrapped and the message can be cut short)."""
+    if hasattr(type(launcher), "termination_delay"):
+        launcher.termination_delay = delay
+        return
     import threading
 
     for thread in threading.enumerate():
-        if thread.name == "child-process-observer" and hasattr(thread, "_terminate_all"):
+        if thread.name == "child-process-observer" and hasattr(thread, "_terminate_all") \
+                and not hasattr(thread, "_launcher"):
             original = thread._terminate_all
 
-            def delayed(original=original):
-                time.sleep(grace)
-                original()
+            def delayed(original=original, thread=thread):
+                time.sleep(delay)
+                _terminate(thread, original)
 
             thread._terminate_all = delayed
+
+
+def launched_children(strategy) -> list:
+    """The ``subprocess.Popen`` children the strategy's launcher started (``launcher.procs`` of Lightning's
+    script launcher, 2.0-2.6); ``[]`` for other launchers, torchrun and SLURM (they start every rank)."""
+    launcher = getattr(strategy, "launcher", None)
+    return list(getattr(launcher, "procs", None) or [])
+
+
+def strategy_timeout_or_none(strategy) -> Optional["timedelta"]:
+    """:func:`strategy_timeout` for any Lightning strategy: None where it has no ``_timeout`` (e.g. single device)."""
+    return getattr(strategy, "_timeout", None)
+
+
+def unwrap_optimizers(optimizers) -> list:
+    """The torch optimizers behind Lightning's ``LightningOptimizer`` wrappers (their ``_optimizer``,
+    Lightning 2.0-2.6; ``trainer.optimizers`` holds plain ones in 2.x, this covers both). If renamed the
+    wrapper is returned; DCP then fails loudly on its state dict."""
+    return [getattr(o, "_optimizer", o) for o in optimizers]
 
 
 def lightning_checkpoint(trainer) -> dict:

@@ -15,8 +15,10 @@ Usage (the same script for the first start and every restart)::
     trainer = Trainer(strategy="distnn_dp", callbacks=[ckpt], ...)
     trainer.fit(model, data, ckpt_path=resume_path("auto", ckpt.dirpath))
 
-    torchrun --nnodes 1:2 --nproc-per-node 2 --max-restarts 3 --rdzv-backend c10d \\
-        --rdzv-endpoint HOST:29400 train.py
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 1:2 --nproc-per-node 2 --max-restarts 3 \\
+        --rdzv-backend c10d --rdzv-endpoint HOST:29400 train.py
+
+(``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: see :func:`shared_store_warning`.)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Optional, Union
@@ -31,7 +34,7 @@ from typing import Optional, Union
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from lightning_distnn._compat import lightning_checkpoint
+from lightning_distnn._compat import lightning_checkpoint, unwrap_optimizers
 from lightning_distnn.checkpoint import (
     newest_complete_checkpoint,
     save_distributed,
@@ -39,9 +42,26 @@ from lightning_distnn.checkpoint import (
     scan_checkpoints,
 )
 
-__all__ = ["ElasticCheckpoint", "resume_path", "steps_lost"]
+__all__ = ["ElasticCheckpoint", "resume_path", "shared_store_warning", "steps_lost"]
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def shared_store_warning(environ: Optional[dict] = None) -> Optional[str]:
+    """Why restarts under this torchrun may fail, or None.
+
+    torchrun's c10d rendezvous shares its agent's TCPStore with the workers (since torch 2.5), without a
+    prefix per restart: a restarted worker may read the gloo addresses that the attempt before wrote and
+    fail in ``new_group`` with "Connection refused" (pytorch/pytorch#135712, #167288). Started with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, every attempt gets a store of its own.
+    """
+    env = os.environ if environ is None else environ
+    restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return (f"torchrun --max-restarts {restarts} with its rendezvous store shared with the workers: a restarted "
+                "worker may connect to the addresses of the attempt before and fail ('Connection refused'). Start "
+                "torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (pytorch/pytorch#135712).")
+    return None
 
 
 def resume_path(resume: Union[None, str, os.PathLike], dirpath: Union[str, os.PathLike]) -> Optional[str]:
@@ -54,6 +74,9 @@ def resume_path(resume: Union[None, str, os.PathLike], dirpath: Union[str, os.Pa
     """
     if resume is None or resume == "never":
         return None
+    problem = shared_store_warning()
+    if problem is not None:
+        warnings.warn(problem, stacklevel=2)
     if resume == "auto":
         found = newest_complete_checkpoint(dirpath)
         return str(found) if found is not None else None
@@ -118,7 +141,7 @@ class ElasticCheckpoint(Callback):
                                                         use_async_staging=True, use_non_blocking_copy=False))
 
     def _optimizers(self, trainer) -> list:
-        return [getattr(o, "_optimizer", o) for o in trainer.optimizers]
+        return unwrap_optimizers(trainer.optimizers)
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is complete; re-raise its error."""

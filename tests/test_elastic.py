@@ -12,6 +12,7 @@ import torch
 from lightning_distnn.checkpoint import newest_complete_checkpoint, save_distributed
 from lightning_distnn.elastic import ElasticCheckpoint, resume_path, steps_lost
 from lightning_distnn.testing import free_port
+from lightning_distnn.testing.cluster import unsupported_reason
 from lightning_distnn.testing.equivalence import tiny_classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,9 +56,62 @@ def _field(out, pattern):
     return match.group(1)
 
 
+def _load_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_faults", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _reference_from(checkpoint, tmp_path, common):
+    """A run started on 2 processes from ``checkpoint``: the weights the elastic restart must reach."""
+    rc, out = _torchrun(2, "--dir", str(tmp_path / "ref-run"), "--resume", str(checkpoint),
+                        "--out", str(tmp_path / "ref.pt"), *common)
+    assert rc == 0, out[-4000:]
+    return torch.load(tmp_path / "ref.pt")
+
+
+def _assert_exact(got, want):
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name  # exact
+
+
+K, KILL_AT, STEPS = 5, 13, 24
+
+
 @pytest.mark.slow
-def test_node_lost_restart_on_survivors_matches_run_from_same_checkpoint(tmp_path):
-    K, KILL_AT, STEPS = 5, 13, 24
+@pytest.mark.skipif(unsupported_reason() is not None, reason=f"simulated cluster: {unsupported_reason()}")
+def test_torchrun_restarts_the_survivors_after_a_node_is_lost(tmp_path):
+    """2 simulated nodes x 2 processes, each node its own torchrun agent (elastic rendezvous, --nnodes 1:2,
+    --max-restarts 1); node 1 (agent and workers) is killed at step 13. Node 0's agent restarts its workers by
+    itself at world size 2; they resume from the newest complete checkpoint (step 10) and finish."""
+    run = tmp_path / "run"
+    common = ["--every", str(K), "--steps", str(STEPS), "--timeout", "300"]
+    result = _load_bench().cluster_node_loss(
+        ["--dir", str(run), "--kill-at", str(KILL_AT), "--out", str(tmp_path / "elastic.pt"), *common],
+        workdir=str(tmp_path), timeout=600)
+    survivor, lost_node = result["out"]
+    assert result["rc"][0] == 0, survivor[-4000:]
+    assert result["rc"][1] != 0 and f"dies at step {KILL_AT}" in lost_node, lost_node[-4000:]
+    assert "world 4: resume from None (restart 0)" in survivor
+    resumed = _field(survivor, r"\[elastic\] world 2: resume from (\S+) \(restart 1\)")
+    assert resumed == str(run / "step-00000010")
+    messages = [line for line in survivor.splitlines() if line.startswith("[distnn]")]
+    assert len(messages) == 1 and "(node 1, " in messages[0] and f"died at step {KILL_AT}" in messages[0], survivor
+    lost = steps_lost(KILL_AT, 10)
+    print(f"steps lost: {lost} (K={K})")
+    assert lost <= K
+    assert _field(survivor, r"\[elastic\] done (\d+) steps") == str(STEPS)
+    _assert_exact(torch.load(tmp_path / "elastic.pt"), _reference_from(resumed, tmp_path, common))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(unsupported_reason() is None, reason="the simulated cluster runs the automatic restart instead")
+def test_node_lost_restart_by_hand_matches_run_from_same_checkpoint(tmp_path):
+    """Without namespaces (no root): one host, the job that lost "node 1" is restarted by hand on 2 processes."""
     run, ref = tmp_path / "run", tmp_path / "ref"
     common = ["--every", str(K), "--steps", str(STEPS), "--timeout", "300"]
     # attempt 1: 2 nodes x 2 processes; node 1 dies at step 13
@@ -76,14 +130,7 @@ def test_node_lost_restart_on_survivors_matches_run_from_same_checkpoint(tmp_pat
     print(f"steps lost: {lost} (K={K})")
     assert lost <= K
     assert _field(out, r"\[elastic\] done (\d+) steps") == str(STEPS)
-    # reference: a run started on 2 processes from the same checkpoint
-    rc, out = _torchrun(2, "--dir", str(tmp_path / "ref-run"), "--resume", str(ref / newest.name),
-                        "--out", str(tmp_path / "ref.pt"), *common)
-    assert rc == 0, out[-4000:]
-    got, want = torch.load(tmp_path / "elastic.pt"), torch.load(tmp_path / "ref.pt")
-    assert set(got) == set(want)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name  # exact
+    _assert_exact(torch.load(tmp_path / "elastic.pt"), _reference_from(ref / newest.name, tmp_path, common))
 
 
 @pytest.mark.parametrize("async_save", [True, False])

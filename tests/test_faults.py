@@ -100,6 +100,37 @@ def test_monitor_arguments_are_checked():
         FaultMonitor(grace=0)
     with pytest.raises(ValueError, match="hang_after='10'"):
         FaultMonitor(hang_after="10")
+    with pytest.raises(ValueError, match="on_failure='quit'.*'exit'.*'raise'"):
+        FaultMonitor(on_failure="quit")
+
+
+def test_strategy_fault_monitor_argument_and_launcher_subclass():
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    from lightning_distnn.faults import attach_fault_monitor
+    from lightning_distnn.strategies import DataParallelStrategy
+
+    with pytest.raises(TypeError, match="fault_monitor='yes': pass True"):
+        DataParallelStrategy(fault_monitor="yes")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DataParallelStrategy(fault_monitor=True), logger=False)
+    launcher = trainer.strategy.launcher
+    # our strategies replace Lightning's script launcher by a subclass (no instance of Lightning's is wrapped)
+    assert isinstance(launcher, _SubprocessScriptLauncher) and type(launcher) is not _SubprocessScriptLauncher
+    assert launcher.termination_delay == 5.0
+    monitor = attach_fault_monitor(trainer, True)
+    assert monitor.on_failure == "raise" and trainer.callbacks[0] is monitor
+    assert attach_fault_monitor(trainer, FaultMonitor()) is monitor  # never two
+    assert attach_fault_monitor(trainer, False) is None
+
+
+def test_shared_store_warning():
+    from lightning_distnn.elastic import shared_store_warning
+
+    env = {"TORCHELASTIC_MAX_RESTARTS": "1", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in shared_store_warning(env)
+    assert shared_store_warning(dict(env, TORCHELASTIC_USE_AGENT_STORE="False")) is None
+    assert shared_store_warning(dict(env, TORCHELASTIC_MAX_RESTARTS="0")) is None
 
 
 def test_die_with_parent(tmp_path):
@@ -172,11 +203,13 @@ def test_sub_mesh_groups_get_the_timeout():
     assert results[0]["waited"] < 3 + 10
 
 
-def _run_victim(args, timeout=600):
+def _run_victim(args, timeout=600, pgid=None):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, BENCH, "victim", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if pgid is not None:
+        pgid.append(proc.pid)
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
@@ -196,22 +229,46 @@ def _pids_of(out):
     return [int(w.split()[0]) for w in out.split(" pid ")[1:] if w.split()[0].isdigit()]
 
 
+def _group_gone(pgid, wait=5.0):
+    """True when no process of the job's process group (the launcher and every rank it started) is left."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", ["KILL", "STOP"])
-def test_dead_or_frozen_rank_under_lightning_launcher(sig):
-    # collective timeout 300 s (start-up on a loaded machine); a frozen rank is declared hung after 10 s
-    rc, out, _ = _run_victim(["--strategy", "dp", "--signal", sig, "--victim", "1", "--at-step", "3",
-                              "--timeout", "300", "--monitor", "--hang-after", "10"])
+@pytest.mark.parametrize("strategy, sig, victim, mode", [
+    ("dp", "KILL", 1, "--monitor"), ("dp", "STOP", 1, "--raise"), ("hybrid", "STOP", 3, "--monitor")],
+    ids=["dp-KILL", "dp-STOP-fault_monitor=True", "hybrid-dp2xpp2-STOP"])
+def test_dead_or_frozen_rank_under_lightning_launcher(strategy, sig, victim, mode):
+    # collective timeout 300 s (start-up on a loaded machine); a frozen rank is declared hung after 10 s.
+    # hybrid: rank 3 is stage 1 of replica 1, so its peers wait on it in sub-mesh (pp and dp) groups.
+    # --monitor: Trainer(callbacks=[FaultMonitor()]), every process exits 1. --raise: the strategy's
+    # fault_monitor= argument with on_failure="raise": trainer.fit raises RankFailedError in the launching
+    # process, which the script catches (exit code 3)
+    pgid = []
+    rc, out, _ = _run_victim(["--strategy", strategy, "--signal", sig, "--victim", str(victim), "--at-step", "3",
+                              "--timeout", "300", mode, "--hang-after", "10"], pgid=pgid)
     ended = time.time()
-    assert rc == 1, out[-3000:]
+    assert rc == (3 if mode == "--raise" else 1), out[-3000:]
     messages = [line for line in out.splitlines() if line.startswith("[distnn]")]
     assert len(messages) == 1, out[-3000:]
+    if mode == "--raise":
+        assert "[victim] rank 0 caught RankFailedError: [distnn] rank 1" in out, out[-3000:]
     verb = "died" if sig == "KILL" else "is stopped"
-    assert messages[0].startswith("[distnn] rank 1 (node 0") and verb in messages[0] and "at step 3" in messages[0]
+    assert messages[0].startswith(f"[distnn] rank {victim} (node 0") and verb in messages[0], messages
+    assert "at step 3" in messages[0], messages
     assert "Traceback" not in out
     assert ended - _signal_time(out) < (10 if sig == "STOP" else 0) + 10 + 5  # +5: process exit on a busy machine
     for pid in _pids_of(out):
         assert process_state(pid) == "dead", f"pid {pid} left behind"
+    assert _group_gone(pgid[0]), "a process of the job is left behind"
 
 
 # ------------------------------------------------------------------------------------------- bad data

@@ -24,7 +24,13 @@ Pieces (the strategies compose them; :class:`FaultMonitor` does it for any Light
 """
 
 from lightning_distnn.faults.heartbeat import Beat, FaultReport, Heartbeat, RankState, diagnose, store_from_env
-from lightning_distnn.faults.monitor import FaultMonitor, handle_failure
+from lightning_distnn.faults.monitor import (
+    FaultMonitor,
+    RankFailedError,
+    attach_fault_monitor,
+    check_fault_monitor,
+    handle_failure,
+)
 from lightning_distnn.faults.process import die_with_parent, exit_quietly, kill_processes, process_state
 
 __all__ = [
@@ -32,7 +38,10 @@ __all__ = [
     "FaultMonitor",
     "FaultReport",
     "Heartbeat",
+    "RankFailedError",
     "RankState",
+    "attach_fault_monitor",
+    "check_fault_monitor",
     "diagnose",
     "die_with_parent",
     "exit_quietly",

@@ -140,6 +140,17 @@ class Heartbeat:
             self.store.set(f"fail/{self.rank}", payload)
             self.store.add("fail_count", 1)
 
+    def mark_exiting(self) -> None:
+        """Stop beating and record that this rank is about to exit (the reporter waits for these marks, so
+        the store's host, often rank 0, does not leave while others still talk to it)."""
+        self._stop.set()
+        with self._lock:
+            self.store.set(f"exiting/{self.rank}", b"1")
+
+    def exited(self) -> set[int]:
+        """Ranks that marked themselves exiting."""
+        return {r for r in range(self.world_size) if self._get(f"exiting/{r}") is not None}
+
     def claim_report(self) -> bool:
         """True for exactly one caller per run: the rank that prints the message."""
         with self._lock:
@@ -207,6 +218,7 @@ class FaultReport:
     first_error: Optional[str] = None
     first_error_rank: Optional[int] = None
     culprits: list[RankState] = field(init=False)
+    ending: str = "Every process exits with code 1."
 
     def __post_init__(self) -> None:
         self.culprits = [r for r in self.ranks if r.culprit]
@@ -232,14 +244,14 @@ class FaultReport:
             head = "; ".join(parts)
             plural = "ranks" if len(failed) > 1 else "rank"
             tail = f"; {plural} {_ranges(failed)} stopped with it{saw}" if failed else saw
-            return f"{head}{tail}. Every process exits with code 1."
+            return f"{head}{tail}. {self.ending}"
         if self.first_error_rank is not None:
             r = self.ranks[self.first_error_rank]
             return (
                 f"{r.who()} failed at step {r.step}: {self.first_error}. The other ranks stopped with it. "
-                "Every process exits with code 1."
+                f"{self.ending}"
             )
-        return "a collective failed but no rank is missing or reported an error. Every process exits with code 1."
+        return f"a collective failed but no rank is missing or reported an error. {self.ending}"
 
 
 def _ranges(ranks: Sequence[int]) -> str:

@@ -31,7 +31,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
-from lightning_distnn._compat import check_model_before_launch, strategy_timeout
+from lightning_distnn._compat import check_model_before_launch, patient_launcher, strategy_timeout
+from lightning_distnn.faults.monitor import attach_fault_monitor, check_fault_monitor
 from lightning_distnn.checkpoint import is_distributed_checkpoint, load_distributed, save_distributed
 from lightning_distnn.mesh import Axis, ParallelDims, device_type_of
 from lightning_distnn.strategies._common import Timeout, as_timedelta, world_size_of
@@ -43,13 +44,18 @@ class MeshStrategy(DDPStrategy):
     Args:
         timeout: seconds (or a ``timedelta``) any collective on any group may wait before the job
             ends with an error; default: env ``DISTNN_TIMEOUT_S`` or 300 s.
+        fault_monitor: ``True``: a dead or hung rank ends the job with one message naming it and
+            ``trainer.fit`` raises ``RankFailedError`` (a ``FaultMonitor(on_failure="raise")``, docs/faults.md);
+            or a ``FaultMonitor(...)``; default ``False`` (add one to ``callbacks`` yourself, as ``distnn-train`` does).
         **kwargs: passed to Lightning's ``DDPStrategy`` (``process_group_backend``, ``start_method``, ...).
     """
 
     strategy_name = "distnn_mesh"
 
-    def __init__(self, *, timeout: Timeout = None, **kwargs: Any) -> None:
+    def __init__(self, *, timeout: Timeout = None, fault_monitor: Any = False, **kwargs: Any) -> None:
+        check_fault_monitor(fault_monitor)
         super().__init__(timeout=as_timedelta(timeout), **kwargs)
+        self.fault_monitor = fault_monitor
         self.parallel_dims: Optional[ParallelDims] = None
         self._loaded_distributed = False
 
@@ -74,12 +80,15 @@ class MeshStrategy(DDPStrategy):
         # runs in the launching process, before any child exists: validate the layout and the model here
         self._planned_layout()
         super()._configure_launcher()
+        self._launcher = patient_launcher(self._launcher)  # its observer lets rank 0 name a dead rank first
         check_model_before_launch(self._launcher, self.check_model)
 
     @override
     def connect(self, model: pl.LightningModule) -> None:
         self.check_model(model)
         super().connect(model)
+        if self.fault_monitor:
+            attach_fault_monitor(model.trainer, self.fault_monitor)
 
     @override
     def setup_environment(self) -> None:
