@@ -31,7 +31,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
-from lightning_distnn._compat import check_model_before_launch, patient_launcher, strategy_timeout
+from lightning_distnn._compat import check_model_before_launch, patient_launcher, strategy_timeout, unwrap_optimizers
 from lightning_distnn.faults.monitor import attach_fault_monitor, check_fault_monitor
 from lightning_distnn.checkpoint import is_distributed_checkpoint, load_distributed, save_distributed
 from lightning_distnn.mesh import Axis, ParallelDims, device_type_of
@@ -130,7 +130,7 @@ class MeshStrategy(DDPStrategy):
         return True
 
     def _raw_optimizers(self) -> list:
-        return [getattr(o, "_optimizer", o) for o in self.optimizers]
+        return unwrap_optimizers(self.optimizers)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
