@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-LINKS = ["unlimited", "1gbit", "100mbit", "20mbit"]
+LINKS = ["unlimited", "1gbit", "100mbit", "50mbit", "20mbit"]
 WIDTHS = {32: 256, 64: 512}  # conv_filters -> fc_width: the main job's (conf/model/case_study_cpu) and a wider one
 METHODS = {  # name -> (strategy, kwargs)
     "dense": ("dp", {}),
@@ -73,7 +73,7 @@ def train_one(method: str, *, width: int, seed: int, args) -> dict:
     from lightning_distnn.testing.equivalence import quiet_trainer
 
     kind, kwargs = METHODS[method]
-    world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    world, local = args.world, args.local
     pl.seed_everything(seed, workers=True, verbose=False)
     net = CaseStudyCNN(conv_filters=width, fc_width=WIDTHS.get(width, 8 * width), image_size=args.image_size)
     module = ImageClassifier(net, optimizer=partial(torch.optim.SGD, lr=args.lr, momentum=args.momentum))
@@ -81,15 +81,13 @@ def train_one(method: str, *, width: int, seed: int, args) -> dict:
         strategy = PipelineStrategy(timeout=300, **kwargs)
         batch = args.batch * world
     else:
-        # one DDP bucket (an explicit cap also sizes the first bucket): PowerSGD's hook issues the
-        # collectives of several buckets from future callbacks, whose order can differ between
-        # ranks on gloo ("Received data size doesn't match expected size")
-        strategy = DataParallelStrategy(timeout=300, bucket_cap_mb=args.bucket_cap_mb, **kwargs)
+        ddp = {"bucket_cap_mb": args.bucket_cap_mb} if args.bucket_cap_mb else {}
+        strategy = DataParallelStrategy(timeout=300, **ddp, **kwargs)
         batch = args.batch
     data = DigitsDataModule(image_size=args.image_size, batch_size=batch, drop_last=True, eval_batch_size=batch)
     clock = _clock()
     trainer = quiet_trainer(strategy, devices=local, num_nodes=world // local, max_epochs=args.epochs,
-                            max_steps=-1, callbacks=[clock])
+                            max_steps=args.max_steps or -1, callbacks=[clock])
     trainer.fit(module, datamodule=data)
     acc = trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"]
     report = trainer.strategy.comm_bytes_per_step() if hasattr(trainer.strategy, "comm_bytes_per_step") else {}
@@ -106,6 +104,8 @@ def worker(args) -> None:
     import lightning_distnn  # noqa: F401
 
     torch.set_num_threads(1)
+    # read once: a finished Trainer's teardown may clear the launcher's variables
+    args.world, args.local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
     rows = []
     for width in args.widths:
         for method in args.methods:
@@ -187,21 +187,25 @@ def _rate(link: str) -> int:
     return parse_link(link) or 0
 
 
-def driver(args) -> None:
-    from lightning_distnn.testing.cluster import SimulatedCluster, unsupported_reason
+def _loopback_job(rank: int, world: int, args) -> None:
+    worker(args)
 
-    reason = unsupported_reason()
-    if reason:
-        sys.exit(f"bench_links: {reason}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "rows.jsonl"
-    if not args.append and rows_path.exists():
-        rows_path.unlink()
-    common = ["--epochs", str(args.epochs), "--bucket-cap-mb", str(args.bucket_cap_mb), "--batch", str(args.batch), "--lr", str(args.lr),
-              "--momentum", str(args.momentum), "--image-size", str(args.image_size), "--rows", str(rows_path),
-              "--widths", *map(str, args.widths), "--methods", *args.methods]
-    start = time.monotonic()
+
+def run_loopback(args, common: list[str]) -> None:
+    """Every seed as one 2-process gloo job on this machine's loopback (no namespaces, no root)."""
+    from lightning_distnn.testing import run_distributed
+
+    for seed in range(args.seeds):
+        job = argparse.Namespace(**vars(args))
+        job.seed, job.link, job.worker, job.rows = seed, "loopback", True, common[common.index("--rows") + 1]
+        print(f"[bench_links] seed {seed}, loopback", flush=True)
+        run_distributed(_loopback_job, 2, job, timeout=args.job_timeout, env={"PYTHONPATH": str(HERE.parent.parent)})
+
+
+def run_cluster(args, common: list[str], start: float) -> None:
+    """Every (seed, link) as one torchrun job on 2 simulated nodes, the link shaped with ``tc``."""
+    from lightning_distnn.testing.cluster import SimulatedCluster
+
     with SimulatedCluster(nodes=2, procs_per_node=1) as cluster:
         for seed in range(args.seeds):
             # links in a rotated order per seed, so slow drift of the machine does not favour one link
@@ -212,13 +216,33 @@ def driver(args) -> None:
                 results = cluster.run([sys.executable, str(HERE), "--worker", "--seed", str(seed), "--link", link, *common],
                                       timeout=args.job_timeout, cwd=str(HERE.parent.parent))
                 print("".join(l for l in results[0].output.splitlines(True) if l.startswith("[bench_links]")), end="", flush=True)
+
+
+def driver(args) -> None:
+    from lightning_distnn.testing.cluster import unsupported_reason
+
+    reason = None if args.loopback else unsupported_reason()
+    if reason:
+        sys.exit(f"bench_links: {reason} (--loopback runs without it)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
+    if not args.append and rows_path.exists():
+        rows_path.unlink()
+    common = ["--epochs", str(args.epochs), "--max-steps", str(args.max_steps), "--bucket-cap-mb", str(args.bucket_cap_mb), "--batch", str(args.batch), "--lr", str(args.lr),
+              "--momentum", str(args.momentum), "--image-size", str(args.image_size), "--rows", str(rows_path),
+              "--widths", *map(str, args.widths), "--methods", *args.methods]
+    start = time.monotonic()
+    run_loopback(args, common) if args.loopback else run_cluster(args, common, start)
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
-    header = (f"# bench_links: digits {args.image_size}px, 2 simulated nodes x 1 process, batch {args.batch}/rank, "
-              f"{args.epochs} epoch(s), {args.seeds} seed(s), SGD lr {args.lr} momentum {args.momentum}; "
+    header = (f"# bench_links: digits {args.image_size}px, "
+              f"{'2 gloo processes on loopback' if args.loopback else '2 simulated nodes x 1 process'}, batch {args.batch}/rank, "
+              f"{args.epochs} epoch(s){f' (at most {args.max_steps} steps)' if args.max_steps else ''}, {args.seeds} seed(s), SGD lr {args.lr} momentum {args.momentum}; "
               f"{time.monotonic() - start:.0f} s\n")
     text = header + "\n" + table(rows) + "\n"
     (out / "table.md").write_text(text)
-    plot(rows, out / "links.png")
+    if not args.loopback:  # one "link" only: nothing to plot
+        plot(rows, out / "links.png")
     print(text)
 
 
@@ -233,7 +257,9 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size (first bucket too)")
+    p.add_argument("--bucket-cap-mb", type=float, default=0.0, help="DDP bucket size (first bucket too); 0: DDP's default")
+    p.add_argument("--max-steps", type=int, default=0, help="stop training after this many steps (speed runs); 0: all epochs")
+    p.add_argument("--loopback", action="store_true", help="2 gloo processes on loopback instead of the simulated cluster")
     p.add_argument("--out", default="benchmarks/results/links")
     p.add_argument("--append", action="store_true", help="keep earlier rows in <out>/rows.jsonl")
     p.add_argument("--job-timeout", type=float, default=3600.0)
