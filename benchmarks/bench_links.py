@@ -16,7 +16,7 @@ where the accuracy column means nothing (training stopped early)::
     python benchmarks/bench_links.py --loopback --seeds 5 --epochs 30 --lr 0.02 --image-size 16 --widths 32 \
         --methods dense powersgd_r2 powersgd_r4 local_sgd_p4 local_sgd_p8 --out benchmarks/results/links_acc
     # speed: 60 steps per method at every link (root)
-    python benchmarks/bench_links.py --max-steps 60 --seeds 2 --lr 0.02 --image-size 16 --widths 32 \
+    python benchmarks/bench_links.py --max-steps 60 --epochs 30 --seeds 2 --lr 0.02 --image-size 16 --widths 32 \
         --methods dense fp16 powersgd_r2 powersgd_r4 topk local_sgd_p4 local_sgd_p8 --out benchmarks/results/links
 
 Writes ``<out>/rows.jsonl`` (one row per method, link, width and seed), ``<out>/table.md`` and
@@ -298,7 +298,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--bucket-cap-mb", type=float, default=0.0, help="DDP bucket size (first bucket too); 0: DDP's default")
-    p.add_argument("--max-steps", type=int, default=0, help="stop training after this many steps (speed runs); 0: all epochs")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps or --epochs, whichever comes first; 0: all epochs")
     p.add_argument("--loopback", action="store_true", help="2 gloo processes on loopback instead of the simulated cluster")
     p.add_argument("--out", default="benchmarks/results/links")
     p.add_argument("--append", action="store_true", help="keep earlier rows in <out>/rows.jsonl")
