@@ -135,7 +135,8 @@ def test_namespaces_removed_on_error_and_stale_ones_cleaned():
 
 
 _HOLD = """
-import importlib.util, sys
+import importlib.util, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a foreground program (a background shell ignores it)
 for name, path in zip(("lightning_distnn.testing.cluster_netns", "cluster"), sys.argv[1:]):
     spec = importlib.util.spec_from_file_location(name, path)  # stdlib only: no torch import
     module = sys.modules[name] = importlib.util.module_from_spec(spec)
@@ -246,5 +247,8 @@ def test_link_benchmark_ratios_are_per_seed_against_dense_of_the_same_job(tmp_pa
     line = next(l for l in text.splitlines() if "powersgd_r2" in l).split("|")
     assert [c.strip() for c in line[1:6]] == ["20mbit", "32", "powersgd_r2", "2", "150"]
     assert line[6].strip() == "2" and abs(float(line[8]) - 0.88) < 1e-9 and abs(float(line[9]) + 2) < 1e-9
+    speed, accuracy = [[l.split("|") for l in part.splitlines() if "powersgd_r2" in l] for part in bench.summary(rows).split("test accuracy")]
+    assert [c.strip() for c in speed[0][2:4]] == ["powersgd_r2", "2.00 (2.00)"]
+    assert [c.strip() for c in accuracy[0][2:8]] == ["powersgd_r2", "2", "0.88", "-2", "-2", "-2"]
     bench.plot(rows, tmp_path / "links.png")
     assert (tmp_path / "links.png").stat().st_size > 0

@@ -77,6 +77,7 @@ class HookState:
         self.errors: dict[int, torch.Tensor] = {}
         self.powersgd: Optional[powerSGD.PowerSGDState] = None
         self.enabled = True  # local SGD turns communication off after its warm-up
+        self.buckets = 0  # how many DDP buckets the hook has seen (bucket indices are 0..buckets-1)
 
 
 def _done(tensor: torch.Tensor) -> torch.futures.Future:
@@ -120,9 +121,19 @@ bf16_hook = _cast_hook(torch.bfloat16)
 
 
 def powersgd_hook(state: HookState, bucket):
-    """torch's ``powerSGD_hook`` (not the batched variant), with its payload counted."""
+    """torch's ``powerSGD_hook`` (not the batched variant), with its payload counted.
+
+    On CPU (gloo) each bucket's collectives finish before the hook returns. torch's hook issues a
+    bucket's P and Q all-reduces from future callbacks, i.e. from gloo's worker threads, while
+    the autograd thread goes on to the next bucket's hook and issues that bucket's first
+    all-reduce. Gloo matches collectives by the order they are issued on each rank, so with
+    several buckets two ranks can issue them in different orders and gloo aborts with
+    "Received data size doesn't match expected size". Waiting here keeps one order on every rank; it gives up overlapping a
+    bucket's communication with the rest of the backward pass, which gloo barely had anyway.
+    """
     ps = state.powersgd
     buffer = bucket.buffer()
+    state.buckets = max(state.buckets, bucket.index() + 1)
     if not state.enabled:
         return _done(buffer)
     if ps.iter < ps.start_powerSGD_iter:
@@ -130,7 +141,10 @@ def powersgd_hook(state: HookState, bucket):
     else:
         values = powersgd_values([g.shape for g in bucket.gradients()], ps.matrix_approximation_rank, ps.min_compression_rate)
     state.counter.allreduce(values * buffer.element_size(), state.world_size)
-    return powerSGD.powerSGD_hook(ps, bucket)
+    fut = powerSGD.powerSGD_hook(ps, bucket)
+    if buffer.device.type == "cpu":
+        return _done(fut.wait())
+    return fut
 
 
 def topk_hook(state: HookState, bucket):
