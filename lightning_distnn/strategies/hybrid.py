@@ -425,6 +425,8 @@ class HybridStrategy(MeshStrategy):
     @override
     def on_train_end(self) -> None:
         super().on_train_end()
+        if self.pipeline is not None:
+            self.pipeline.flush()
         if self.gantt_path and self.pipeline is not None and self.record_timeline:
             records = self.gather_timeline()
             if self.global_rank == 0:
