@@ -307,9 +307,6 @@ def _print_partition(args, res):
     print("\nprofiled layer costs (ms):", ", ".join(f"{1e3 * c:.3f}" for c in res["partition"]["balanced"]["plan"].costs))
 
 
-if __name__ == "__main__":
-    main()
-
 
 def _print_mainjob(args, res):
     dp, pipe = statistics.median(res["rows"]["dp"]), statistics.median(res["rows"]["pipeline"])
@@ -323,3 +320,7 @@ def _print_mainjob(args, res):
     ]))
     if choice:
         print(f"measured bubble {choice['measured_bubble']:.3f}; {choice['why']}")
+
+
+if __name__ == "__main__":
+    main()

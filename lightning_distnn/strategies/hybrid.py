@@ -472,6 +472,13 @@ class HybridStrategy(MeshStrategy):
         :meth:`~lightning_distnn.parallel.parallelize.ParallelNet.comm_bytes_per_step`); zero before the first batch."""
         return self.net.comm_bytes_per_step() if self.net is not None else {"sent": 0, "received": 0}
 
+    def summary_note(self) -> Optional[str]:
+        """A sentence for the run summary: why ``microbatches="auto"`` chose its count, when the model says the
+        pipeline cannot reach 0.8x data parallel's throughput at this size (else ``None``)."""
+        if self.auto_choice is None or self.auto_choice["vs_data_parallel"] >= 0.8:
+            return None
+        return self.auto_choice["why"]
+
     def pipeline_bubble(self) -> Optional[dict[str, float]]:
         """Measured idle fraction of this rank in recent training steps, beside the theoretical one and
         its parts (``Pipeline.bubble``); ``None`` when the layout has no pipeline."""
