@@ -166,12 +166,13 @@ def body(rank, world, args):
         out["link"] = {"latency_s": link.latency_s, "bandwidth_Bps": link.bandwidth_Bps}
     # (a) overhead: raw loop vs strategy, interleaved
     for _ in range(args.repeats if "overhead" in only else 0):
-        for kind in ("raw", "strategy"):
+        for kind in ("raw", "strategy", "strategy_no_overlap"):
             if kind == "raw":
                 counts = uniform(8, world).counts
                 t = raw_run(rank, world, "1f1b", args.micro, counts, args.steps, args.batch, args.width, x, y)
             else:
-                t = strategy_run(world, "1f1b", args.micro, "uniform", args.steps, args.batch, args.width, x, y)["step_s"]
+                t = strategy_run(world, "1f1b", args.micro, "uniform", args.steps, args.batch, args.width, x, y,
+                                 overlap=kind == "strategy")["step_s"]
             out["overhead"].append((kind, t))
     # (b) bubble per schedule, without and with overlap (torch's own schedule classes vs early receives)
     overlaps = {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
@@ -227,12 +228,13 @@ def main() -> None:
 
     raw = [t for k, t in res["overhead"] if k == "raw"]
     ours = [t for k, t in res["overhead"] if k == "strategy"]
+    plain = [t for k, t in res["overhead"] if k == "strategy_no_overlap"]
     if "link" in res:
         link = res["link"]
         print(f"\np2p link (gloo, 2 processes): latency {1e6 * link['latency_s']:.1f} us per message (one way), "
               f"bandwidth {link['bandwidth_Bps'] / 1e6:.0f} MB/s")
     if raw and ours:
-        _print_overhead(args, raw, ours)
+        _print_overhead(args, raw, ours, plain)
     if res["bubble"]:
         _print_bubble(args, res)
     if res["partition"]:
@@ -249,14 +251,18 @@ def main() -> None:
         print(f"\nGantt chart written to {args.gantt}")
 
 
-def _print_overhead(args, raw, ours):
+def _print_overhead(args, raw, ours, plain):
     print(f"\n(a) overhead, 1F1B, pp=2, m={args.micro}, batch {args.batch}, CaseStudyCNN width {args.width}, "
           f"{args.repeats} interleaved repeats of {args.steps} steps\n")
     print(format_table([
         {"run": "raw torch.distributed.pipelining loop", "step ms (median)": 1e3 * statistics.median(raw), "ratio": 1.0},
         {"run": "PipelineStrategy (Lightning Trainer)", "step ms (median)": 1e3 * statistics.median(ours),
          "ratio": statistics.median(ours) / statistics.median(raw)},
+        {"run": "PipelineStrategy, overlap=False (torch's schedule classes, as the raw loop)",
+         "step ms (median)": 1e3 * statistics.median(plain), "ratio": statistics.median(plain) / statistics.median(raw)},
     ]))
+    print("per repeat (ms), raw / strategy / overlap=False: " + "; ".join(
+        f"{1e3 * a:.1f} / {1e3 * b:.1f} / {1e3 * c:.1f}" for a, b, c in zip(raw, ours, plain)))
 
 
 def _print_bubble(args, res):
