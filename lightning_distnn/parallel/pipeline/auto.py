@@ -57,7 +57,8 @@ def measure_link(
             dist.send(t, group=group, group_dst=peer)
 
     def one_way(t: torch.Tensor, n: int) -> float:
-        pingpong(t)  # warm-up
+        for _ in range(5):  # warm-up: the first exchanges of a pair are slower
+            pingpong(t)
         samples = []
         for _ in range(n):
             start = time.perf_counter()
