@@ -5,6 +5,7 @@ One machine, 2 gloo processes (CPU)::
     python benchmarks/bench_pipeline.py                      # tables to stdout
     python benchmarks/bench_pipeline.py --steps 12 --repeats 3 --gantt docs/pipeline_gantt.png
     python benchmarks/bench_pipeline.py --only link,bubble --width 64 --batch 64   # issue 15's size
+    python benchmarks/bench_pipeline.py --only mainjob        # (d) README command: pipeline (auto) vs data parallel
 
 (a) PipelineStrategy inside a Lightning Trainer against a hand-written loop on raw
     torch.distributed.pipelining (same partition, schedule, micro-batches, optimizer), interleaved
@@ -14,8 +15,15 @@ One machine, 2 gloo processes (CPU)::
     (compute, blocked receiving, sending, the schedule's own time, outside the schedule) and one
     micro-batch's stage compute beside the p2p message latency measured in the same run (the
     comparison is only meaningful where compute >= 10x latency).
+    Each schedule runs without overlap (torch's own schedule classes: receives posted just before
+    use, 1F1B's sends waited with the next receive) and with it (every receive posted at the
+    step's start, sends completing in the background): the before/after of issue 15.
 (c) balanced against uniform partition of the case-study CNN: the profiled cost of the slowest
     stage and the images/s each reaches.
+(d) the main-job model (``distnn-train``'s case_study_cpu on 32 px digits, batch 32 per replica):
+    PipelineStrategy with ``microbatches="auto"`` against data parallel on the same 2 processes,
+    images/s, with the auto choice's reasons (compute per micro-batch vs message latency, bubble).
+The load average is printed at the end: on a shared machine, report it beside the numbers.
 Timings are never asserted; only ratios measured in one run are meaningful.
 """
 
@@ -63,10 +71,10 @@ class StepTimer(pl.Callback):
             self.elapsed = time.perf_counter() - self.start
 
 
-def strategy_run(world, schedule, micro, partition, steps, batch, width, x, y):
+def strategy_run(world, schedule, micro, partition, steps, batch, width, x, y, overlap=True):
     module = make_module(width)
     timer = StepTimer(warmup=2)
-    strategy = PipelineStrategy(schedule=schedule, microbatches=micro, partition=partition, timeout=120)
+    strategy = PipelineStrategy(schedule=schedule, microbatches=micro, partition=partition, timeout=120, overlap=overlap)
     trainer = quiet_trainer(strategy, world, steps + 2, callbacks=[timer])
     trainer.fit(module, datamodule=FixedDataModule(x, y, batch))
     records = strategy.gather_timeline()
@@ -121,6 +129,34 @@ def raw_run(rank, world, schedule, micro, counts, steps, batch, width, x, y):
     return sum(times) / len(times)
 
 
+def mainjob(world, args):
+    from lightning_distnn.strategies import DataParallelStrategy
+
+    batch, steps = 32, args.steps
+    xm, ym = digits_tensors(batch * (steps + 2), image_size=32)
+    rows = {"dp": [], "pipeline": []}
+    choice = None
+    for _ in range(args.repeats):
+        for kind in ("dp", "pipeline"):
+            torch.manual_seed(0)
+            module = ImageClassifier(CaseStudyCNN(conv_filters=32, fc_width=256, image_size=32))
+            timer = StepTimer(warmup=2)
+            if kind == "dp":
+                strategy = DataParallelStrategy(timeout=120)
+            else:
+                strategy = PipelineStrategy(schedule=args.mainjob_schedule, microbatches="auto", timeout=120)
+            trainer = quiet_trainer(strategy, world, steps + 2, callbacks=[timer])
+            trainer.fit(module, datamodule=FixedDataModule(xm, ym, batch))
+            replicas = world if kind == "dp" else 1
+            rows[kind].append(batch * replicas / (timer.elapsed / max(timer.steps, 1)))
+            if kind == "pipeline":
+                choice = strategy.auto_choice
+                bubbles = [None] * world
+                dist.all_gather_object(bubbles, strategy.pipeline_bubble())
+                choice = dict(choice, measured_bubble=statistics.mean(b["measured"] for b in bubbles))
+    return {"rows": rows, "choice": choice}
+
+
 def body(rank, world, args):
     x, y = digits_tensors(args.batch * 8, image_size=16)
     out = {"overhead": [], "bubble": {}, "partition": {}}
@@ -130,22 +166,30 @@ def body(rank, world, args):
         out["link"] = {"latency_s": link.latency_s, "bandwidth_Bps": link.bandwidth_Bps}
     # (a) overhead: raw loop vs strategy, interleaved
     for _ in range(args.repeats if "overhead" in only else 0):
-        for kind in ("raw", "strategy"):
+        for kind in ("raw", "strategy", "strategy_no_overlap"):
             if kind == "raw":
                 counts = uniform(8, world).counts
                 t = raw_run(rank, world, "1f1b", args.micro, counts, args.steps, args.batch, args.width, x, y)
             else:
-                t = strategy_run(world, "1f1b", args.micro, "uniform", args.steps, args.batch, args.width, x, y)["step_s"]
+                t = strategy_run(world, "1f1b", args.micro, "uniform", args.steps, args.batch, args.width, x, y,
+                                 overlap=kind == "strategy")["step_s"]
             out["overhead"].append((kind, t))
-    # (b) bubble per schedule
+    # (b) bubble per schedule, without and with overlap (torch's own schedule classes vs early receives)
+    overlaps = {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
     for schedule in args.schedules.split(",") if "bubble" in only else ():
         for micro in (args.micro, 2 * args.micro) if schedule in ("gpipe", "1f1b") else (args.micro,):
-            r = strategy_run(world, schedule, micro, args.partition, args.steps, args.batch, args.width, x, y)
-            out["bubble"][(schedule, micro)] = {
-                k: r[k] for k in ("step_s", "bubble", "theory", "bytes", "parts", "micro_compute_s")
-            }
-            if schedule == "1f1b" and micro == args.micro:
-                out["records"] = r["records"]
+            for overlap in overlaps:
+                r = strategy_run(world, schedule, micro, args.partition, args.steps, args.batch, args.width, x, y,
+                                 overlap=overlap)
+                out["bubble"][(schedule, micro, overlap)] = {
+                    k: r[k] for k in ("step_s", "bubble", "theory", "bytes", "parts", "micro_compute_s")
+                }
+                if schedule == "1f1b" and micro == args.micro:
+                    out["records"] = r["records"]
+    # (d) the main-job model (case_study_cpu: width 32, FC 256, 32 px digits, batch 32 per rank): pipeline with
+    # microbatches=auto against data parallel on the same 2 processes, interleaved
+    if "mainjob" in only:
+        out["mainjob"] = mainjob(world, args)
     # (c) balanced vs uniform on the case-study CNN (costs profiled once, on rank 0)
     box = [None]
     if "partition" not in only:
@@ -170,9 +214,13 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--width", type=int, default=16, help="conv filters (FC width = 4x)")
     parser.add_argument("--gantt", default=None, help="PNG path for the 1F1B Gantt chart")
-    parser.add_argument("--only", default="link,overhead,bubble,partition", help="parts to run (comma-separated)")
+    parser.add_argument("--only", default="link,overhead,bubble,partition,mainjob",
+                        help="parts to run (comma-separated)")
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help="schedules for the bubble table")
     parser.add_argument("--partition", default="uniform", help="partition of the bubble table (uniform/balanced)")
+    parser.add_argument("--overlap", default="both", choices=("both", "on", "off"),
+                        help="bubble table without (torch's classes) and/or with early receives")
+    parser.add_argument("--mainjob-schedule", default="interleaved_1f1b", help="schedule of the main-job comparison")
     args = parser.parse_args()
     world = 2
     results = run_distributed(body, world, args, timeout=1800, init_process_group=True, pg_timeout=120)
@@ -180,32 +228,41 @@ def main() -> None:
 
     raw = [t for k, t in res["overhead"] if k == "raw"]
     ours = [t for k, t in res["overhead"] if k == "strategy"]
+    plain = [t for k, t in res["overhead"] if k == "strategy_no_overlap"]
     if "link" in res:
         link = res["link"]
         print(f"\np2p link (gloo, 2 processes): latency {1e6 * link['latency_s']:.1f} us per message (one way), "
               f"bandwidth {link['bandwidth_Bps'] / 1e6:.0f} MB/s")
     if raw and ours:
-        _print_overhead(args, raw, ours)
+        _print_overhead(args, raw, ours, plain)
     if res["bubble"]:
         _print_bubble(args, res)
     if res["partition"]:
         _print_partition(args, res)
+    if res.get("mainjob"):
+        _print_mainjob(args, res["mainjob"])
+    print(f"\nload average during the run (uptime): {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} "
+          f"{os.getloadavg()[2]:.2f} on {os.cpu_count()} cores")
     if args.gantt:
         from lightning_distnn.pipeline_viz import plot_timeline
 
-        r = res["bubble"][("1f1b", args.micro)]
+        r = res["bubble"][("1f1b", args.micro, args.overlap != "off")]
         plot_timeline(res["records"], args.gantt, title=f"1F1B, pp=2, m={args.micro}", bubble=r)
         print(f"\nGantt chart written to {args.gantt}")
 
 
-def _print_overhead(args, raw, ours):
+def _print_overhead(args, raw, ours, plain):
     print(f"\n(a) overhead, 1F1B, pp=2, m={args.micro}, batch {args.batch}, CaseStudyCNN width {args.width}, "
           f"{args.repeats} interleaved repeats of {args.steps} steps\n")
     print(format_table([
         {"run": "raw torch.distributed.pipelining loop", "step ms (median)": 1e3 * statistics.median(raw), "ratio": 1.0},
         {"run": "PipelineStrategy (Lightning Trainer)", "step ms (median)": 1e3 * statistics.median(ours),
          "ratio": statistics.median(ours) / statistics.median(raw)},
+        {"run": "PipelineStrategy, overlap=False (torch's schedule classes, as the raw loop)",
+         "step ms (median)": 1e3 * statistics.median(plain), "ratio": statistics.median(plain) / statistics.median(raw)},
     ]))
+    print("per repeat (ms), raw / strategy / overlap=False: " + "; ".join(
+        f"{1e3 * a:.1f} / {1e3 * b:.1f} / {1e3 * c:.1f}" for a, b, c in zip(raw, ours, plain)))
 
 
 def _print_bubble(args, res):
@@ -213,10 +270,11 @@ def _print_bubble(args, res):
           f"batch {args.batch}, width {args.width})\n")
     rows = []
     latency = res.get("link", {}).get("latency_s", float("nan"))
-    for (schedule, micro), r in res["bubble"].items():
+    for (schedule, micro, overlap), r in res["bubble"].items():
         parts = r.get("parts") or {}
         span = parts.get("span", float("nan"))
-        rows.append({"schedule": schedule, "m": micro, "bubble measured": r["bubble"], "bubble theory": r["theory"],
+        rows.append({"schedule": schedule, "m": micro, "overlap": "on" if overlap else "off",
+                     "bubble measured": r["bubble"], "bubble theory": r["theory"],
                      "measured/theory": r["bubble"] / r["theory"] if r["theory"] else float("nan"),
                      "step ms": 1e3 * r["step_s"],
                      "mb compute ms": 1e3 * r.get("micro_compute_s", float("nan")),
@@ -228,6 +286,10 @@ def _print_bubble(args, res):
                      "p2p KiB sent/rank": r["bytes"]["sent"] / 1024})
     print(format_table(rows))
     print("(recv wait / send / other: fractions of the schedule step; outside: time between steps outside it)")
+    on = {(s, m): r for (s, m, o), r in res["bubble"].items() if o}
+    if ("zbv_zero_bubble", args.micro) in on and ("1f1b", args.micro) in on:
+        ratio = on[("zbv_zero_bubble", args.micro)]["bubble"] / on[("1f1b", args.micro)]["bubble"]
+        print(f"ZB-V bubble / 1F1B bubble (m={args.micro}, overlap on): {ratio:.2f} (target <= 0.5)")
     try:
         from lightning_distnn.parallel.pipeline.timeline import split_waits
     except ImportError:  # before issue 15
@@ -249,6 +311,21 @@ def _print_partition(args, res):
                      "images/s": args.batch / r["step_s"], "speed-up": base / r["step_s"]})
     print(format_table(rows))
     print("\nprofiled layer costs (ms):", ", ".join(f"{1e3 * c:.3f}" for c in res["partition"]["balanced"]["plan"].costs))
+
+
+
+def _print_mainjob(args, res):
+    dp, pipe = statistics.median(res["rows"]["dp"]), statistics.median(res["rows"]["pipeline"])
+    print(f"\n(d) the main-job model (CaseStudyCNN width 32, FC 256, 32 px digits, batch 32 per replica), "
+          f"2 processes, {args.repeats} interleaved repeats of {args.steps} steps\n")
+    choice = res["choice"] or {}
+    print(format_table([
+        {"run": "DataParallelStrategy (dp=2)", "images/s (median)": dp, "ratio": 1.0},
+        {"run": f"PipelineStrategy({args.mainjob_schedule}, microbatches=auto -> {choice.get('microbatches')})",
+         "images/s (median)": pipe, "ratio": pipe / dp},
+    ]))
+    if choice:
+        print(f"measured bubble {choice['measured_bubble']:.3f}; {choice['why']}")
 
 
 if __name__ == "__main__":

@@ -60,19 +60,21 @@ def _train(step_fn, params, n: int, accumulate: int) -> None:
             optimizer.step()
 
 
-def _reference(n: int, accumulate: int) -> tuple[nn.Sequential, list[float]]:
-    """One process: the trained network and each batch's mean loss."""
+def _reference(n: int, accumulate: int) -> tuple[nn.Sequential, list[float], list[torch.Tensor]]:
+    """One process: the trained network, each batch's mean loss and output."""
     net = copy.deepcopy(_net())
     x, y = _data(n)
-    losses = []
+    losses, outputs = [], []
 
     def step(sl):
-        loss = nn.functional.cross_entropy(net(x[sl]), y[sl])
+        output = net(x[sl])
+        outputs.append(output.detach().clone())
+        loss = nn.functional.cross_entropy(output, y[sl])
         losses.append(loss.item())
         (loss / accumulate).backward()
 
     _train(step, net.parameters(), n, accumulate)
-    return net, losses
+    return net, losses, outputs
 
 
 def _run_cases(rank: int, world: int) -> list[dict]:
@@ -94,10 +96,11 @@ def _run_cases(rank: int, world: int) -> list[dict]:
         x, y = _data(n)
         splits = []
 
-        losses = []
+        losses, outputs = [], []
 
         def step(sl):
-            pipe.train_step(x[sl], y[sl])
+            # share_output: the last stage's output on both ranks (one early-posted message; buffers reused, so clone)
+            outputs.append(pipe.train_step(x[sl], y[sl], share_output=True).clone())
             splits.append(pipe.last_split)
             losses.append(None if pipe.last_loss is None else float(pipe.last_loss))
 
@@ -110,7 +113,7 @@ def _run_cases(rank: int, world: int) -> list[dict]:
         out.append({
             "state": state, "splits": splits, "eval": evals, "last": pipe.is_last, "bubble": pipe.bubble(),
             "breakdown": pipe.breakdown(), "kinds": {r.kind for r in pipe.timeline.records},
-            "stages": pipe.stage_indices, "losses": losses,
+            "stages": pipe.stage_indices, "losses": losses, "outputs": outputs,
         })
     return out
 
@@ -122,7 +125,7 @@ def test_ragged_batches_equal_one_process():
         assert link["latency"] > 0 and link["bandwidth"] > 0
     for i, (schedule, n, accumulate) in enumerate(CASES):
         where = f"schedule={schedule}, {n} samples, accumulate_grad_batches={accumulate}"
-        ref, ref_losses = _reference(n, accumulate)
+        ref, ref_losses, ref_outputs = _reference(n, accumulate)
         merged = {}
         for r in per_rank:
             assert not set(merged) & set(r[i]["state"]), f"{where}: a layer is on two ranks"
@@ -135,6 +138,11 @@ def test_ragged_batches_equal_one_process():
         # the last stage's rank reports each batch's mean loss (the reference's, at the same weights)
         losses = [r[i]["losses"] for r in per_rank if r[i]["last"]][0]
         assert losses == pytest.approx(ref_losses, abs=1e-5), where
+        # every rank got each batch's output (share_output), the reference's
+        for r in per_rank:
+            assert len(r[i]["outputs"]) == len(ref_outputs), where
+            for got, want in zip(r[i]["outputs"], ref_outputs):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         # the last batch really was short, and ran with fewer micro-batches
         last = per_rank[0][i]["splits"][-1]
         assert last.microbatches * last.micro_size == n % BATCH
@@ -233,3 +241,35 @@ def test_auto_microbatches_follows_the_link():
     with pytest.raises(ValueError, match="measured layer costs"):
         auto_microbatches(uniform(8, 2), 64, profiled_batch=16, cut_bytes=[1] * 8, link=LinkCost(1e-4, 1e9),
                           schedule="1f1b", pp_size=2)
+
+
+def test_overlap_orders_and_early_receives():
+    """The compute orders the overlapped GPipe/1F1B run (torch's own task order), and receives moved to the front."""
+    from lightning_distnn.parallel.pipeline.overlap import early_receives, gpipe_order, one_f_one_b_order
+
+    def text(actions):
+        return " ".join(str(a) for a in actions)
+
+    assert text(gpipe_order(1, 2)) == "1F0 1F1 1B0 1B1"
+    assert text(one_f_one_b_order(0, 4, 2)) == "0F0 0F1 0B0 0F2 0B1 0F3 0B2 0B3"
+    assert text(one_f_one_b_order(1, 4, 2)) == "1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3"
+    assert text(one_f_one_b_order(0, 1, 2)) == "0F0 0B0"  # fewer micro-batches than the warm-up
+    from torch.distributed.pipelining.schedules import _Action
+
+    actions = [_Action.from_str(a) for a in "1RECV_F0 1F0 1SEND_F0 1RECV_F1 1RECV_B0 1B0 1F1".split()]
+    assert text(early_receives(actions)) == "1RECV_F0 1RECV_F1 1RECV_B0 1F0 1SEND_F0 1B0 1F1"
+
+
+def test_auto_choice_says_why():
+    from lightning_distnn.parallel.pipeline import auto_choice
+
+    plan = balanced([0.004, 0.004, 0.004, 0.004], 2)  # seconds per layer on the whole batch of 64
+    fast = auto_choice(plan, 64, cut_bytes=[4096] * 4, link=LinkCost(1e-6, 1e10), schedule="1f1b", pp_size=2)
+    slow = auto_choice(plan, 64, cut_bytes=[4096] * 4, link=LinkCost(5e-3, 1e8), schedule="1f1b", pp_size=2)
+    assert fast["microbatches"] > slow["microbatches"] >= 2 and 64 % fast["microbatches"] == 0
+    assert fast["vs_data_parallel"] >= 0.8 and "cannot pay off" not in fast["why"]
+    assert slow["vs_data_parallel"] < 0.8 and "cannot pay off at this size" in slow["why"]
+    assert f"chose m={slow['microbatches']} for a per-replica batch of 64" in slow["why"]
+    # a batch of 1 has no count 1F1B accepts on 2 ranks: the message to raise on every rank
+    assert "no micro-batch count" in auto_choice(plan, 1, cut_bytes=[1] * 4, link=LinkCost(1e-4, 1e9),
+                                                 schedule="1f1b", pp_size=2)

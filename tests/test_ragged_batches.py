@@ -15,8 +15,9 @@ from lightning_distnn.testing.equivalence import digits_tensors, quiet_trainer, 
 
 BATCH = 8
 CASES = {
-    # 17 = 2 x 8 + 1: the last batch has one sample (fewer than the 2 stages and the 4 micro-batches)
-    "1f1b remainder 1": (17, dict(dp=1, pp=2, schedule="1f1b", microbatches=4, partition="uniform")),
+    # 17 = 2 x 8 + 1: the last batch has one sample (fewer than the 2 stages and the micro-batches);
+    # microbatches="auto" (issue 15): measured at setup, the same count on both ranks, a divisor of 8
+    "1f1b remainder 1, auto": (17, dict(dp=1, pp=2, schedule="1f1b", microbatches="auto", partition="uniform")),
     # 4 stages (interleaved, 2 per rank); 19 = 2 x 8 + 3: the last batch is smaller than the stages
     "interleaved last < stages": (19, dict(dp=1, pp=2, schedule="interleaved_1f1b", microbatches=4, partition="uniform")),
 }
@@ -58,7 +59,8 @@ def _train(rank, world_size, case):
     # the same accuracy from the predictions, counting every sample once
     correct = sum(int((p == t).sum()) for p, t in zip(predictions, y.split(BATCH)))
     return {"state": state, "steps": trainer.global_step, "predicted": sum(len(p) for p in predictions),
-            "val_acc": result["val/acc"], "acc": correct / n}
+            "val_acc": result["val/acc"], "acc": correct / n, "m": strategy.microbatches,
+            "choice": strategy.auto_choice, "described": strategy.describe()}
 
 
 @pytest.mark.slow
@@ -72,6 +74,13 @@ def test_ragged_last_batch_matches_single_process(case):
         assert r["predicted"] == n  # no padded duplicates, nothing dropped
         assert abs(r["val_acc"] - r["acc"]) < 1e-6
         assert_state_dicts_close(r["state"], expected, atol=1e-5)
+    if CASES[case][1]["microbatches"] == "auto":
+        m = results[0]["m"]
+        assert all(r["m"] == m for r in results) and BATCH % m == 0 and m >= 2, [r["m"] for r in results]
+        choice = results[0]["choice"]
+        assert choice["microbatches"] == m and choice["latency_s"] > 0 and choice["micro_compute_s"] > 0
+        assert f"chose m={m} for a per-replica batch of {BATCH}" in choice["why"]
+        assert f"m=auto->{m}" in results[0]["described"]
 
 
 def _pipeline_preset(rank, world_size):

@@ -96,25 +96,34 @@ class PipelineSteps:
         self.module = module
         self.attr = attr
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._params: Optional[list[torch.Tensor]] = None  # the module's parameters (fixed after setup)
 
     def train(self, step: Callable[..., Any], context, *args: Any, **kwargs: Any) -> Any:
-        """Run the schedule on the batch, then the user's ``step`` on the pipeline's output."""
+        """Run the schedule on the batch, then the user's ``step`` on the pipeline's output.
+
+        Per step this adds to what DDPStrategy does: one message carrying the last stage's output to
+        each other pipeline rank (posted before the schedule, so it lands during the last backward),
+        and the user's step run on that output instead of a forward (its loss and metrics).
+        """
         batch = args[0] if args else kwargs["batch"]
         x, y = split_batch(batch)
+        if self._params is None:
+            self._params = list(self.module.parameters())
+        params = [p for p in self._params if p.requires_grad]  # a callback may freeze layers between steps
         # Lightning zeroes (or keeps, when accumulating) the gradients between training_step and backward:
         # set this batch's gradients aside for `add_gradients`, leaving the earlier ones to Lightning.
-        params = [p for p in self.module.parameters() if p.requires_grad]
         earlier = [p.grad for p in params]
-        for p in params:
-            p.grad = None
+        kept = any(g is not None for g in earlier)
+        if kept:
+            for p in params:
+                p.grad = None
         with context():
-            output = self.pipeline.train_step(x, y)
+            output = self.pipeline.train_step(x, y, share_output=True)
         if self.net.grad_sync is not None:
             self.net.grad_sync()
         self._pending = [(p, p.grad) for p in params if p.grad is not None]
         for p, grad in zip(params, earlier):
             p.grad = grad
-        output = self.pipeline.broadcast_output(output)
         with swapped_child(self.module, self.attr, _Replay(output)), torch.no_grad():
             return step(*args, **kwargs)
 

@@ -53,7 +53,14 @@ from lightning_distnn.parallel.pipeline import (
     resolve_stages_per_rank,
     schedule_name,
 )
-from lightning_distnn.partition.model import PARTITION_METHODS, explicit, make_plan, profile_layer_costs
+from lightning_distnn.parallel.pipeline.auto import auto_choice, measure_link
+from lightning_distnn.partition.model import (
+    PARTITION_METHODS,
+    explicit,
+    layer_output_bytes,
+    make_plan,
+    profile_layer_costs,
+)
 from lightning_distnn.strategies._common import (
     Timeout,
     check_forward_is_network,
@@ -87,7 +94,9 @@ class HybridStrategy(MeshStrategy):
         dp, pp, tp: parallel degrees; one of them may be ``-1`` ("the rest", default ``dp``).
         schedule: pipeline schedule (``pp > 1``): ``gpipe``, ``1f1b`` (default), ``interleaved_1f1b``,
             ``looped_bfs``, ``interleaved_zero_bubble``, ``zbv_zero_bubble``, ``dualpipev``.
-        microbatches: micro-batches per batch (``pp > 1``; default 4).
+        microbatches: micro-batches per batch (``pp > 1``; default 4), or ``"auto"``: chosen at setup from the
+            busiest rank's measured compute and the measured p2p latency and bandwidth (:meth:`choose_microbatches`;
+            the same count on every rank, a divisor of the per-replica batch; the choice and why are logged).
         stages_per_rank: stages each rank holds (looped schedules: default 2; V schedules: 2; else 1).
         partition: ``"balanced"`` (profile every layer on an example micro-batch, then the contiguous
             split minimising the slowest stage), ``"uniform"``, or layer counts per stage, e.g. ``[3, 5]``.
@@ -100,6 +109,9 @@ class HybridStrategy(MeshStrategy):
         gantt_path: if set, rank 0 draws the last training step's schedule there (PNG) at the end of
             fit; a relative path is taken relative to the Trainer's ``default_root_dir``.
         timeout: seconds any collective may wait before the job ends with an error.
+        overlap: run the training schedules with every receive posted at the step's start, sends completing in
+            the background (:mod:`lightning_distnn.parallel.pipeline.overlap`); ``False``: torch's own schedule
+            classes (the same numerics; for comparison).
         **kwargs: passed to Lightning's ``DDPStrategy`` (``process_group_backend``, ``start_method``, ...).
     """
 
@@ -115,7 +127,7 @@ class HybridStrategy(MeshStrategy):
         pp: int = 1,
         tp: int = 1,
         schedule: Optional[str] = None,
-        microbatches: Optional[int] = None,
+        microbatches: Optional[Union[int, str]] = None,
         stages_per_rank: Optional[int] = None,
         partition: Union[str, Sequence[int]] = "balanced",
         tp_plan: Optional[Mapping[str, str]] = None,
@@ -125,6 +137,7 @@ class HybridStrategy(MeshStrategy):
         record_timeline: bool = True,
         gantt_path: Optional[str] = None,
         timeout: Timeout = None,
+        overlap: bool = True,
         **kwargs: Any,
     ) -> None:
         sync_name = str(sync).lower()
@@ -156,9 +169,16 @@ class HybridStrategy(MeshStrategy):
         self.schedule = schedule_name(schedule or "1f1b")
         self.stages_per_rank = resolve_stages_per_rank(self.schedule, stages_per_rank)
         microbatches = 4 if microbatches is None else microbatches
-        if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
-            raise ValueError(f"microbatches={microbatches!r} must be a positive integer (micro-batches per batch).")
-        self.microbatches = microbatches
+        self.auto_microbatches = isinstance(microbatches, str) and microbatches.lower() == "auto"
+        if not self.auto_microbatches and (
+            not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1
+        ):
+            raise ValueError(
+                f"microbatches={microbatches!r} must be a positive integer (micro-batches per batch) or 'auto'."
+            )
+        # "auto": an int from setup on (choose_microbatches); None until then
+        self.microbatches: Optional[int] = None if self.auto_microbatches else microbatches
+        self.auto_choice: Optional[dict[str, Any]] = None
         self.partition: Union[str, list[int]]
         if isinstance(partition, str):
             if partition.lower() not in PARTITION_METHODS:
@@ -176,6 +196,7 @@ class HybridStrategy(MeshStrategy):
         self.module_attr = module_attr
         self.record_timeline = record_timeline
         self.gantt_path = gantt_path
+        self.overlap = bool(overlap)
         self.net: Optional[ParallelNet] = None
         self._steps: Optional[PipelineSteps] = None
 
@@ -193,8 +214,15 @@ class HybridStrategy(MeshStrategy):
         if dims.pp == 1:
             return
         stages = self.num_stages(dims)
-        check_microbatches(self.microbatches, self.microbatches, schedule=self.schedule, pp_size=dims.pp, num_stages=stages)
+        if self.microbatches is not None:  # "auto" is checked when chosen, against the batch
+            check_microbatches(self.microbatches, self.microbatches, schedule=self.schedule, pp_size=dims.pp, num_stages=stages)
         if isinstance(self.partition, list) and len(self.partition) + is_split_points(self.partition) != stages:
+            if is_split_points(self.partition):
+                raise ValueError(
+                    f"partition={self.partition} names {len(self.partition)} split points, i.e. "
+                    f"{len(self.partition) + 1} stages, but pp={dims.pp} x stages_per_rank={self.stages_per_rank} "
+                    f"makes {stages}: name {stages - 1} modules to cut before."
+                )
             raise ValueError(
                 f"partition={self.partition} has {len(self.partition)} stages, but pp={dims.pp} x "
                 f"stages_per_rank={self.stages_per_rank} makes {stages}: give one layer count per stage."
@@ -239,21 +267,59 @@ class HybridStrategy(MeshStrategy):
         """The tensor-parallel plan of every local stage (empty when ``tp == 1``)."""
         return self.net.tp_plans if self.net is not None else []
 
+    def _profile(self, net: nn.Sequential, sample: torch.Tensor) -> list[float]:
+        """Each layer's forward + backward seconds on ``sample``, measured on rank 0, the same list on every rank."""
+        box = [None]
+        if self.global_rank == 0:
+            box[0] = profile_layer_costs(net.to(self.root_device), sample.to(self.root_device))
+        dist.broadcast_object_list(box, src=0)  # one partition for all ranks
+        return box[0]
+
     def _stage_plan(self, trainer, module: pl.LightningModule, net: nn.Sequential, example: Optional[torch.Tensor]):
         costs = None
-        if self.partition == "balanced":
+        if self.partition == "balanced" or self.auto_microbatches:
             if example is None:
+                what = "partition='balanced'" if self.partition == "balanced" else "microbatches='auto'"
                 raise ValueError(
-                    "partition='balanced' profiles each layer on an example micro-batch but found none. It is taken from "
-                    f"{ENTRY_POINTS}. Give one of these, or use partition='uniform' or a list of layer counts."
+                    f"{what} profiles each layer on an example batch but found none. It is taken from "
+                    f"{ENTRY_POINTS}. Give one of these, or use partition='uniform' (or a list of layer counts) "
+                    "and an integer microbatches."
                 )
-            micro = example[: max(1, example.shape[0] // self.microbatches)]
-            box = [None]
-            if self.global_rank == 0:
-                box[0] = profile_layer_costs(net.to(self.root_device), micro.to(self.root_device))
-            dist.broadcast_object_list(box, src=0)  # one partition for all ranks
-            costs = box[0]
-        return make_plan(self.partition, len(net), self.num_stages(), costs=costs)
+            # auto: the whole batch (the count is not known yet; costs scale with the samples)
+            micro = example if self.auto_microbatches else example[: max(1, example.shape[0] // self.microbatches)]
+            costs = self._profile(net, micro)
+        plan = make_plan(self.partition, len(net), self.num_stages(), costs=costs)
+        if self.auto_microbatches:
+            self.choose_microbatches(net, plan, example)
+        return plan
+
+    def choose_microbatches(self, net: nn.Sequential, plan, example: torch.Tensor) -> int:
+        """``microbatches="auto"``: the count :func:`~lightning_distnn.parallel.pipeline.auto_microbatches` picks.
+
+        Inputs, measured here in the training processes: the per-layer compute of the example batch
+        (the per-replica batch, profiled on rank 0), the bytes each layer outputs, and the p2p latency
+        and bandwidth between pipeline ranks 0 and 1 (every pipeline group measures its own pair).
+        Rank 0 chooses, every rank takes its choice. Sets ``microbatches`` and ``auto_choice`` (the
+        numbers and the reason, logged on rank 0) and returns the count.
+        """
+        dims = self.parallel_dims
+        batch = int(example.shape[0])
+        link = measure_link(dims.group("pp"), ranks=(0, 1), repeats=30, device=self.root_device)
+        box: list[Any] = [None]
+        if self.global_rank == 0:
+            cut_bytes = layer_output_bytes(net.to(self.root_device), example.to(self.root_device))
+            box[0] = auto_choice(
+                plan, batch, cut_bytes=cut_bytes, link=link, schedule=self.schedule, pp_size=dims.pp
+            )
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+        if isinstance(choice, str):  # rank 0's ValueError, raised on every rank
+            raise ValueError(choice)
+        self.auto_choice = choice
+        self.microbatches = choice["microbatches"]
+        if self.global_rank == 0:
+            log.info("%s", choice["why"])
+        return self.microbatches
 
     def _network(self, module: pl.LightningModule, dims: ParallelDims):
         try:
@@ -302,6 +368,7 @@ class HybridStrategy(MeshStrategy):
             record_timeline=self.record_timeline,
         )
         if dims.pp > 1:
+            self.net.pipeline.overlap = self.overlap
             # this rank's layers under their paths in the unsplit network: state-dict and checkpoint keys unchanged
             local = [(names[int(i)], layer) for i, layer in self.net.named_layers() if not is_glue(names[int(i)])]
             local += [pair for i, _ in self.net.named_layers() for pair in (holders[int(i)] if holders else [])]
@@ -418,7 +485,8 @@ class HybridStrategy(MeshStrategy):
         parts = [str(dims)]
         if dims.pp > 1:
             partition = self.partition if isinstance(self.partition, str) else f"partition {self.partition}"
-            parts.append(f"{self.schedule}, m={self.microbatches}, {partition}")
+            count = self.microbatches if not self.auto_microbatches else f"auto->{self.microbatches or '?'}"
+            parts.append(f"{self.schedule}, m={count}, {partition}")
             if self.stages_per_rank > 1:
                 parts.append(f"{self.stages_per_rank} stages/rank")
         if dims.tp > 1:
@@ -431,6 +499,13 @@ class HybridStrategy(MeshStrategy):
         """Bytes this rank sends and receives per optimizer step, by kind (see
         :meth:`~lightning_distnn.parallel.parallelize.ParallelNet.comm_bytes_per_step`); zero before the first batch."""
         return self.net.comm_bytes_per_step() if self.net is not None else {"sent": 0, "received": 0}
+
+    def summary_note(self) -> Optional[str]:
+        """A sentence for the run summary: why ``microbatches="auto"`` chose its count, when the model says the
+        pipeline cannot reach 0.8x data parallel's throughput at this size (else ``None``)."""
+        if self.auto_choice is None or self.auto_choice["vs_data_parallel"] >= 0.8:
+            return None
+        return self.auto_choice["why"]
 
     def pipeline_bubble(self) -> Optional[dict[str, float]]:
         """Measured idle fraction of this rank in recent training steps, beside the theoretical one and
@@ -447,6 +522,8 @@ class HybridStrategy(MeshStrategy):
     @override
     def on_train_end(self) -> None:
         super().on_train_end()
+        if self.pipeline is not None:
+            self.pipeline.flush()
         if self.gantt_path and self.pipeline is not None and self.record_timeline:
             records = self.gather_timeline()
             if self.global_rank == 0:

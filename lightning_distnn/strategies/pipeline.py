@@ -12,6 +12,7 @@ Usage::
     trainer = Trainer(devices=4, strategy=PipelineStrategy(schedule="interleaved_1f1b", microbatches=8,
                                                            stages_per_rank=2, partition="balanced"))
     distnn-train strategy=pipeline strategy.schedule=gpipe strategy.microbatches=4
+    distnn-train strategy=pipeline strategy.microbatches=auto      # chosen from measured compute and p2p latency
 
 After setup, ``module.net`` on each rank holds only that rank's layers (under their original
 indices, so state-dict keys match the unsplit model). Checkpoints are torch.distributed.checkpoint
@@ -33,12 +34,12 @@ class PipelineStrategy(HybridStrategy):
     Args:
         schedule: ``gpipe``, ``1f1b``, ``interleaved_1f1b``, ``looped_bfs``, ``interleaved_zero_bubble``,
             ``zbv_zero_bubble`` or ``dualpipev`` (case-insensitive).
-        microbatches: micro-batches per batch.
+        microbatches: micro-batches per batch, or ``"auto"`` (measured at setup: see :class:`HybridStrategy`).
         stages_per_rank: stages each rank holds (looped schedules: default 2; V schedules: 2; gpipe/1f1b: 1).
         partition: ``"balanced"`` (profiled), ``"uniform"``, or layer counts per stage such as ``[3, 5]``.
         pp: pipeline degree; default (``None``): all processes not used by ``dp``.
         dp: data-parallel degree (each stage's gradients averaged over ``dp`` replicas).
-        module_attr, record_timeline, gantt_path, timeout, **kwargs: as :class:`HybridStrategy`.
+        module_attr, record_timeline, gantt_path, timeout, overlap, **kwargs: as :class:`HybridStrategy`.
     """
 
     strategy_name = "distnn_pipeline"
@@ -50,7 +51,7 @@ class PipelineStrategy(HybridStrategy):
     def __init__(
         self,
         schedule: str = "1f1b",
-        microbatches: int = 4,
+        microbatches: Union[int, str] = 4,
         stages_per_rank: Optional[int] = None,
         partition: Union[str, Sequence[int]] = "balanced",
         pp: Optional[int] = None,
@@ -59,6 +60,7 @@ class PipelineStrategy(HybridStrategy):
         record_timeline: bool = True,
         gantt_path: Optional[str] = None,
         timeout: Timeout = None,
+        overlap: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -73,5 +75,6 @@ class PipelineStrategy(HybridStrategy):
             record_timeline=record_timeline,
             gantt_path=gantt_path,
             timeout=timeout,
+            overlap=overlap,
             **kwargs,
         )

@@ -6,11 +6,13 @@
 * :mod:`.wire`: the one header + data format for tensors of unknown shape (p2p and broadcast);
 * :mod:`.runtime`: :func:`apply_pipeline` -> :class:`Pipeline` (stages, cached schedules, steps),
   :func:`clip_grad_norm_across`, :func:`stage_module`;
-* :mod:`.auto`: measured inputs for automatic choices (:func:`measure_link`, :func:`auto_microbatches`);
+* :mod:`.auto`: measured inputs for automatic choices (:func:`measure_link`, :func:`auto_microbatches`,
+  :func:`auto_choice`: the count with its reasons);
+* :mod:`.overlap`: training schedules on torch's action runtime with receives posted at the step's start;
 * private torch APIs (timing a stage's tasks and its p2p waits) go through :mod:`lightning_distnn._compat`.
 """
 
-from lightning_distnn.parallel.pipeline.auto import auto_microbatches, measure_link
+from lightning_distnn.parallel.pipeline.auto import auto_choice, auto_microbatches, measure_link
 from lightning_distnn.parallel.pipeline.runtime import Pipeline, apply_pipeline, clip_grad_norm_across, stage_module
 from lightning_distnn.parallel.pipeline.schedules import (
     FALLBACK,
@@ -33,11 +35,12 @@ from lightning_distnn.parallel.pipeline.schedules import (
     theoretical_bubble,
 )
 from lightning_distnn.parallel.pipeline.timeline import TaskRecord, Timeline, record_tasks
-from lightning_distnn.parallel.pipeline.wire import broadcast_tensor, recv_tensor, send_tensor
+from lightning_distnn.parallel.pipeline.wire import OutputShare, broadcast_tensor, recv_tensor, send_tensor
 
 __all__ = [
     "FALLBACK",
     "LOOPED",
+    "OutputShare",
     "SCHEDULES",
     "SINGLE_STAGE",
     "V_SHAPED",
@@ -46,6 +49,7 @@ __all__ = [
     "TaskRecord",
     "Timeline",
     "apply_pipeline",
+    "auto_choice",
     "auto_microbatches",
     "broadcast_tensor",
     "check_microbatches",

@@ -4,19 +4,26 @@
 :class:`~lightning_distnn.partition.model.LinkCost` for :func:`~lightning_distnn.partition.model.balanced`'s
 ``link``); :func:`auto_microbatches` turns a profiled :class:`~lightning_distnn.partition.model.StagePlan`
 and that link into :func:`~lightning_distnn.parallel.pipeline.schedules.choose_microbatches`'s
-numbers (the building block for ``microbatches="auto"``).
+numbers, and :func:`auto_choice` adds the reasons (what ``microbatches="auto"`` of the strategies logs).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 
-from lightning_distnn.parallel.pipeline.schedules import choose_microbatches, schedule_name, stage_ranks
+from lightning_distnn.parallel.pipeline.schedules import (
+    SINGLE_STAGE,
+    choose_microbatches,
+    modelled_step_seconds,
+    schedule_name,
+    stage_ranks,
+    theoretical_bubble,
+)
 from lightning_distnn.partition.model import LinkCost, StagePlan
 
 
@@ -50,7 +57,8 @@ def measure_link(
             dist.send(t, group=group, group_dst=peer)
 
     def one_way(t: torch.Tensor, n: int) -> float:
-        pingpong(t)  # warm-up
+        for _ in range(5):  # warm-up: the first exchanges of a pair are slower
+            pingpong(t)
         samples = []
         for _ in range(n):
             start = time.perf_counter()
@@ -83,11 +91,27 @@ def auto_microbatches(
     The busiest rank's compute is scaled to the whole batch; its messages per micro-batch are 2
     (activation and gradient) per stage boundary it touches across ranks; the bytes scale with the batch.
     """
+    name = schedule_name(schedule)
+    compute, messages, moved = _busiest_rank(plan, batch_size / profiled_batch, cut_bytes, link, name, pp_size)
+    return choose_microbatches(
+        batch_size,
+        schedule=name,
+        pp_size=pp_size,
+        num_stages=plan.num_stages,
+        compute_seconds=max(compute, 1e-12),
+        message_seconds=messages * link.latency_s,
+        transfer_seconds=moved,
+        max_microbatches=max_microbatches,
+    )
+
+
+def _busiest_rank(
+    plan: StagePlan, scale: float, cut_bytes: list[float], link: LinkCost, schedule: str, pp_size: int
+) -> tuple[float, int, float]:
+    """(compute seconds, messages per micro-batch, transfer seconds) of the rank with the most work."""
     if plan.costs is None:
         raise ValueError("auto_microbatches needs a plan with measured layer costs (partition='balanced' or costs=...).")
-    name = schedule_name(schedule)
-    owners = stage_ranks(name, plan.num_stages, pp_size)
-    scale = batch_size / profiled_batch
+    owners = stage_ranks(schedule, plan.num_stages, pp_size)
     compute = [0.0] * pp_size
     messages = [0] * pp_size
     moved = [0.0] * pp_size
@@ -99,13 +123,75 @@ def auto_microbatches(
                 messages[rank] += 2
                 moved[rank] += 2 * scale * cut_bytes[boundary] / link.bandwidth_Bps
     busiest = max(range(pp_size), key=lambda r: compute[r] + moved[r] + messages[r] * link.latency_s)
-    return choose_microbatches(
-        batch_size,
+    return compute[busiest], messages[busiest], moved[busiest]
+
+
+def auto_choice(
+    plan: StagePlan,
+    batch_size: int,
+    *,
+    cut_bytes: list[float],
+    link: LinkCost,
+    schedule: str,
+    pp_size: int,
+) -> Union[dict[str, Any], str]:
+    """``microbatches="auto"`` with its reasons: the count, the measured inputs, the model's step and bubble.
+
+    ``plan.costs`` and ``cut_bytes`` are measured on the whole batch of ``batch_size`` samples. Also
+    models the pipeline's throughput against data parallel on the same ``pp_size`` processes (each
+    process computing the whole model on its share of the samples, the all-reduce left out):
+    ``vs_data_parallel`` = (total compute / pp) / modelled pipeline step. ``why`` says it in one
+    sentence, and when that ratio is under 0.8, why the pipeline cannot pay off at this size. Returns
+    the error message (a str) where no count fits, so the caller can raise it on every rank.
+    """
+    name = schedule_name(schedule)
+    compute, messages, moved = _busiest_rank(plan, 1.0, cut_bytes, link, name, pp_size)
+    compute = max(compute, 1e-12)
+    try:
+        m = auto_microbatches(
+            plan, batch_size, profiled_batch=batch_size, cut_bytes=cut_bytes, link=link, schedule=name, pp_size=pp_size
+        )
+    except ValueError as err:
+        return f"microbatches='auto': {err}"
+    per_rank = max(1, plan.num_stages // pp_size)
+    step = modelled_step_seconds(
+        m,
         schedule=name,
         pp_size=pp_size,
-        num_stages=plan.num_stages,
-        compute_seconds=max(compute[busiest], 1e-12),
-        message_seconds=messages[busiest] * link.latency_s,
-        transfer_seconds=moved[busiest],
-        max_microbatches=max_microbatches,
+        stages_per_rank=per_rank,
+        compute_seconds=compute,
+        message_seconds=messages * link.latency_s,
+        transfer_seconds=moved,
     )
+    bubble = theoretical_bubble(name if name in SINGLE_STAGE else "interleaved_1f1b", pp_size, m, per_rank)
+    total = sum(plan.costs)
+    vs_dp = (total / pp_size) / step
+    micro_compute = compute / (m * per_rank)
+    latency_share = m * messages * link.latency_s / step
+    why = (
+        f"microbatches=auto chose m={m} for a per-replica batch of {batch_size} ({name}, pp={pp_size}): one "
+        f"micro-batch's stage compute is {1e3 * micro_compute:.3f} ms against {1e3 * link.latency_s:.3f} ms per p2p "
+        f"message ({micro_compute / max(link.latency_s, 1e-12):.1f}x; {messages} messages per micro-batch "
+        f"on the busiest rank, {link.bandwidth_Bps / 1e6:.0f} MB/s); modelled step {1e3 * step:.2f} ms, bubble "
+        f"{bubble:.2f}, throughput {vs_dp:.2f}x data parallel on the same {pp_size} processes."
+    )
+    if vs_dp < 0.8:
+        imbalance = compute / (total / pp_size)
+        why += (
+            f" The pipeline cannot pay off at this size: of its modelled step, {latency_share:.0%} is message latency "
+            f"and {bubble:.0%} the schedule's bubble, and the busiest rank holds {imbalance:.2f}x an equal share of "
+            "the compute; data parallel has none of these (a bigger model or batch, or strategy=dp, fits better)."
+        )
+    return {
+        "microbatches": m,
+        "batch": batch_size,
+        "compute_s": compute,
+        "micro_compute_s": micro_compute,
+        "latency_s": link.latency_s,
+        "bandwidth_Bps": link.bandwidth_Bps,
+        "messages": messages,
+        "modelled_step_s": step,
+        "bubble": bubble,
+        "vs_data_parallel": vs_dp,
+        "why": why,
+    }

@@ -48,8 +48,9 @@ from lightning_distnn.parallel.pipeline.schedules import (
     stage_ranks,
     theoretical_bubble,
 )
+from lightning_distnn.parallel.pipeline.overlap import overlapped_schedule
 from lightning_distnn.parallel.pipeline.timeline import Timeline, record_tasks
-from lightning_distnn.parallel.pipeline.wire import broadcast_tensor, recv_tensor, send_tensor
+from lightning_distnn.parallel.pipeline.wire import OutputShare, broadcast_tensor, recv_tensor, send_tensor
 from lightning_distnn.partition.model import StagePlan
 
 
@@ -116,8 +117,11 @@ class Pipeline:
         self.last_loss: Optional[torch.Tensor] = None
         self._last_batch: Optional[tuple[str, int]] = None  # (mode, batch size) of the last step
         self._output_like: dict[tuple[str, int], tuple[tuple[int, ...], torch.dtype]] = {}
+        self._share = OutputShare(group, self.last_rank, device)
         self.timeline = Timeline(rank=dist.get_rank())
         self.record_timeline = record_timeline
+        # training schedules on torch's action runtime with receives posted at the step's start (.overlap)
+        self.overlap = True
         self._io_bytes: dict[int, tuple[int, int]] = {}
         for index, module in zip(stage_indices, modules):
             module.register_forward_hook(self._io_hook(index))
@@ -154,8 +158,11 @@ class Pipeline:
             if mode == "train" and self.record_timeline:
                 for stage in stages:
                     record_tasks(stage, self.timeline)
-            loss_fn = self._scaled_loss if mode == "train" else None
-            self._runners[key] = (stages, self._make_schedule(stages, split, loss_fn))
+            if mode == "train" and self.overlap:
+                schedule = overlapped_schedule(SCHEDULES[split.schedule], stages, split.microbatches, self._scaled_loss)
+            else:
+                schedule = self._make_schedule(stages, split, self._scaled_loss if mode == "train" else None)
+            self._runners[key] = (stages, schedule)
         return self._runners[key]
 
     def _make_stages(self) -> list[PipelineStage]:
@@ -180,7 +187,12 @@ class Pipeline:
 
     # ---- running ------------------------------------------------------------------------
     def train_step(
-        self, x: Optional[torch.Tensor], y: Optional[torch.Tensor], *, return_outputs: bool = True
+        self,
+        x: Optional[torch.Tensor],
+        y: Optional[torch.Tensor],
+        *,
+        return_outputs: bool = True,
+        share_output: bool = False,
     ) -> Optional[torch.Tensor]:
         """Forward + backward of every micro-batch; gradients accumulate into the stage parameters.
 
@@ -189,7 +201,9 @@ class Pipeline:
         every rank). The batch may have any size (:meth:`split`); the gradient is that of the
         mean loss over its samples, divided by ``accumulate_grad_batches``. On the last stage's rank, ``last_loss`` is then the batch's
         mean loss (undivided); ``return_outputs=False`` skips merging the output micro-batches
-        (for a caller that needs the loss only).
+        (for a caller that needs the loss only). ``share_output=True`` returns the output on every rank
+        of the pipeline group (:class:`~lightning_distnn.parallel.pipeline.wire.OutputShare`: one message
+        per rank and step, posted so that it arrives while the rank computes).
         """
         reference = x if x is not None else y
         if reference is None:
@@ -202,6 +216,8 @@ class Pipeline:
         self.last_split = split
         self._loss_divisor = float(split.microbatches * self.accumulate_grad_batches)
         losses: list = []
+        if share_output:
+            self._share.post(self._last_batch)
         if self.record_timeline:
             self.timeline.begin_step()
         output = schedule.step(
@@ -214,7 +230,13 @@ class Pipeline:
             self.timeline.end_step()
         # each micro-batch loss was divided by (count x accumulate_grad_batches): their sum x accumulate = the mean
         self.last_loss = sum(l.detach() for l in losses) * self.accumulate_grad_batches if losses else None
+        if share_output:
+            return self._share.finish(self._last_batch, output)
         return output
+
+    def flush(self) -> None:
+        """Wait for this rank's outstanding output sends (``share_output``); call before tearing the group down."""
+        self._share.flush()
 
     @torch.no_grad()
     def forward(self, x: Optional[torch.Tensor], batch_size: int) -> Optional[torch.Tensor]:
@@ -273,7 +295,8 @@ class Pipeline:
 
         Per micro-batch, an activation crosses every stage boundary whose two stages sit on
         different ranks, and in training its gradient crosses back. Counted from the input and
-        output sizes each local stage saw in its last forward, times the micro-batches.
+        output sizes each local stage saw in its last forward, times the micro-batches; in training,
+        plus the last stage's output sent to the other ranks (``share_output``, once a step has used it).
         """
         ranks = self.plan.stage_ranks
         sent = received = 0
@@ -287,7 +310,11 @@ class Pipeline:
             if index < self.num_stages - 1 and ranks[index + 1] != self.pp_rank:
                 sent += out_bytes
                 received += out_bytes if training else 0
-        return {"sent": sent * self.microbatches, "received": received * self.microbatches}
+        out = {"sent": sent * self.microbatches, "received": received * self.microbatches}
+        if training:  # the last stage's output, shared with the other ranks (share_output, the strategies' steps)
+            for kind, n in self._share.bytes_per_step().items():
+                out[kind] += n
+        return out
 
     def _measured_steps(self) -> list[int]:
         """Finished steps kept in the timeline, without those that built a schedule (shape inference, warm-up)."""
