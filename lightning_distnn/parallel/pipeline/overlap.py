@@ -30,9 +30,15 @@ from typing import Any, Callable, Optional
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as _torch_schedules
 
-_Action = _torch_schedules._Action
-_Type = _torch_schedules._ComputationType
-RECEIVES = (_Type.RECV_F, _Type.RECV_B)
+_Action = getattr(_torch_schedules, "_Action", None)
+_Type = getattr(_torch_schedules, "_ComputationType", None)
+RECEIVES = (_Type.RECV_F, _Type.RECV_B) if _Type is not None else ()
+
+
+def overlap_supported() -> bool:
+    """Whether this torch has the private action runtime :func:`overlapped_schedule` needs (the runtime falls
+    back to torch's own schedule classes, with a warning, where it does not)."""
+    return _Action is not None and _Type is not None and hasattr(_torch_schedules, "_PipelineScheduleRuntime")
 
 
 def gpipe_order(rank: int, microbatches: int) -> list:

@@ -26,6 +26,7 @@ Timeline: every F/B/I/W task each local stage runs, and its receive waits and se
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
@@ -48,7 +49,7 @@ from lightning_distnn.parallel.pipeline.schedules import (
     stage_ranks,
     theoretical_bubble,
 )
-from lightning_distnn.parallel.pipeline.overlap import overlapped_schedule
+from lightning_distnn.parallel.pipeline.overlap import overlap_supported, overlapped_schedule
 from lightning_distnn.parallel.pipeline.timeline import Timeline, record_tasks
 from lightning_distnn.parallel.pipeline.wire import OutputShare, broadcast_tensor, recv_tensor, send_tensor
 from lightning_distnn.partition.model import StagePlan
@@ -158,6 +159,12 @@ class Pipeline:
             if mode == "train" and self.record_timeline:
                 for stage in stages:
                     record_tasks(stage, self.timeline)
+            if mode == "train" and self.overlap and not overlap_supported():
+                warnings.warn(
+                    f"torch {torch.__version__} lacks the pipeline action runtime that overlap=True uses: running "
+                    "torch's own schedule classes (overlap=False)."
+                )
+                self.overlap = False
             if mode == "train" and self.overlap:
                 schedule = overlapped_schedule(SCHEDULES[split.schedule], stages, split.microbatches, self._scaled_loss)
             else:
