@@ -187,6 +187,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             bubble = metrics["pipeline_bubble"][0]
             summary["bubble (measured / theory)"] = f"{bubble.get('measured', math.nan):.3f} / {bubble.get('theory', math.nan):.3f}"
         notes = summary_notes(metrics, steps=metrics["train_steps"], model_params=model_params)
+        strategy_note = getattr(trainer.strategy, "summary_note", lambda: None)()  # e.g. why a pipeline cannot pay off
+        if strategy_note:
+            notes.append(strategy_note)
+            metrics["strategy_note"] = strategy_note
         print("\n" + format_table([summary]) + "\n" + "".join(f"note: {n}\n" for n in notes))
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
