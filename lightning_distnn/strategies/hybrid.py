@@ -99,7 +99,9 @@ class HybridStrategy(MeshStrategy):
             the same count on every rank, a divisor of the per-replica batch; the choice and why are logged).
         stages_per_rank: stages each rank holds (looped schedules: default 2; V schedules: 2; else 1).
         partition: ``"balanced"`` (profile every layer on an example micro-batch, then the contiguous
-            split minimising the slowest stage), ``"uniform"``, or layer counts per stage, e.g. ``[3, 5]``.
+            split minimising the slowest stage), ``"uniform"``, layer counts per stage, e.g. ``[3, 5]``,
+            or module names to cut before, e.g. ``["encoder.block3"]``: split points for a network that is
+            not a chain of children, traced by torch.distributed.pipelining (:mod:`~lightning_distnn.parallel.traced`).
         tp_plan: module name -> style (``colwise``, ``rowwise``, ``replicate``, ``sharded_norm``, ``pass``),
             names relative to the network, e.g. ``{"5.1": "replicate"}``; overrides the automatic plan.
         sync: ``"allreduce"`` (the only data-parallel mode that composes with pp/tp).
@@ -129,7 +131,7 @@ class HybridStrategy(MeshStrategy):
         schedule: Optional[str] = None,
         microbatches: Optional[Union[int, str]] = None,
         stages_per_rank: Optional[int] = None,
-        partition: Union[str, Sequence[int]] = "balanced",
+        partition: Union[str, Sequence[int], Sequence[str]] = "balanced",
         tp_plan: Optional[Mapping[str, str]] = None,
         sync: str = "allreduce",
         compression: Optional[str] = None,

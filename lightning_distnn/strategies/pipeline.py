@@ -36,7 +36,8 @@ class PipelineStrategy(HybridStrategy):
             ``zbv_zero_bubble`` or ``dualpipev`` (case-insensitive).
         microbatches: micro-batches per batch, or ``"auto"`` (measured at setup: see :class:`HybridStrategy`).
         stages_per_rank: stages each rank holds (looped schedules: default 2; V schedules: 2; gpipe/1f1b: 1).
-        partition: ``"balanced"`` (profiled), ``"uniform"``, or layer counts per stage such as ``[3, 5]``.
+        partition: ``"balanced"`` (profiled), ``"uniform"``, layer counts per stage such as ``[3, 5]``, or
+            module names to cut before (split points of a traced network, e.g. ``["encoder.block3"]``).
         pp: pipeline degree; default (``None``): all processes not used by ``dp``.
         dp: data-parallel degree (each stage's gradients averaged over ``dp`` replicas).
         module_attr, record_timeline, gantt_path, timeout, overlap, **kwargs: as :class:`HybridStrategy`.
@@ -53,7 +54,7 @@ class PipelineStrategy(HybridStrategy):
         schedule: str = "1f1b",
         microbatches: Union[int, str] = 4,
         stages_per_rank: Optional[int] = None,
-        partition: Union[str, Sequence[int]] = "balanced",
+        partition: Union[str, Sequence[int], Sequence[str]] = "balanced",
         pp: Optional[int] = None,
         dp: int = 1,
         module_attr: Optional[str] = None,
