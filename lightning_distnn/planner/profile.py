@@ -20,15 +20,18 @@ contended ones the run will see.
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 @dataclass
@@ -102,6 +105,27 @@ class ModelProfile:
     world_size: int = 1
     signature: str = ""
     profiled_in: int = 1  # processes that profiled at the same time
+    # CPU sharing (the cost model's oversubscription term; see cost.py): cores this process may run on
+    # (os.sched_getaffinity; 0 = not a shared CPU, e.g. a GPU: no term), torch's intra-op threads per
+    # process, how many of the profiling processes shared those cores, and consecutive ranks per host
+    # (0 = every rank of the run on one host, as on one machine or a simulated cluster).
+    cores: int = 0
+    threads: int = 1
+    profiled_sharing: int = 1
+    ranks_per_host: int = 0
+
+    @property
+    def rank_slots(self) -> float:
+        """How many ranks a host runs at full speed at once: cores / cores one rank uses (0: no sharing model)."""
+        if self.cores <= 0:
+            return 0.0
+        return self.cores / max(1, min(self.threads, self.cores))
+
+    @property
+    def profile_slowdown(self) -> float:
+        """How much slower the layers ran while profiling than on a core of their own (>= 1)."""
+        slots = self.rank_slots
+        return max(1.0, self.profiled_sharing / slots) if slots else 1.0
 
     @property
     def num_layers(self) -> int:
@@ -234,6 +258,8 @@ def profile_model(
     warmup: int = 1,
     world_size: int = 1,
     profiled_in: int = 1,
+    profiled_sharing: Optional[int] = None,
+    ranks_per_host: int = 0,
     tp_degrees: Optional[Sequence[int]] = None,
 ) -> ModelProfile:
     """Measure a :class:`ModelProfile` of ``net`` on the device its parameters live on.
@@ -242,6 +268,8 @@ def profile_model(
     Each layer is timed on the activation shape it really sees, forward and backward separately;
     the first layer's backward does not compute an input gradient (training does not either).
     ``tp_degrees``: tensor-parallel degrees to count (default: the divisors of ``world_size`` above 1).
+    ``profiled_sharing``: processes profiling on this host's cores at the same time (default
+    ``profiled_in``); ``ranks_per_host``: consecutive ranks per host in the run (0: all on one host).
     """
     if tp_degrees is None:
         tp_degrees = [d for d in range(2, world_size + 1) if world_size % d == 0]
@@ -318,7 +346,28 @@ def profile_model(
         world_size=world_size,
         signature=model_signature(net, example_input, device=device, world_size=world_size),
         profiled_in=profiled_in,
+        cores=available_cores() if device.type == "cpu" else 0,
+        threads=torch.get_num_threads(),
+        profiled_sharing=profiled_sharing if profiled_sharing is not None else profiled_in,
+        ranks_per_host=ranks_per_host,
     )
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity; ``os.cpu_count()`` where affinity is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def host_key() -> str:
+    """Identifies the machine (not the network namespace): processes with equal keys share its cores."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}|{boot}"
 
 
 def tp_costs(net: nn.Sequential, tp: int, leaves: Sequence[Leaf]) -> list[TPCost]:
