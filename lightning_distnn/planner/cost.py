@@ -264,7 +264,8 @@ def predict(
         tpcomm.append(coll)
         params.append(sum(P.layers[i].param_bytes * shard(P.layers[i]) for i in layers))
         saved.append(sum(P.layers[i].saved_bytes * shard(P.layers[i]) for i in layers) * mu)
-        inbuf.append((P.layers[layers[0] - 1].out_bytes if layers[0] > 0 else P.input_bytes) * mu)
+        inbuf.append((P.layers[layers[0] - 1].out_bytes if layers[0] > 0 else P.input_bytes) * mu
+                     + (P.layers[layers[-1]].out_bytes * mu if L.pp > 1 else 0.0))  # a stage keeps its output for the backward
 
     # critical path: m * C_r* + (sum_s c_s - C_r*) / v, split over the parts of c_s
     total = [a + b + c for a, b, c in zip(compute, p2p, tpcomm)]
@@ -317,19 +318,37 @@ def predict(
     step = sum(t.value for t in terms)
 
     # memory per rank: the largest over pipeline ranks (dp and tp peers hold the same amounts)
-    def inflight(r: int) -> float:
-        if L.pp == 1:
-            return 1
-        if L.schedule == "gpipe":
-            return m
-        if L.schedule == "1f1b":
-            return min(m, L.pp - r)
-        return min(m, (v - 1) * L.pp + (L.pp - r)) / v  # interleaved: chunks in flight, each 1/v of the rank's layers
+    def transient(layers: list[int]) -> float:
+        """How far one micro-batch's backward over ``layers`` rises above holding all its saved activations.
 
+        Sweeping the leaves from the last: at leaf ``k`` the saved tensors of the leaves before it and
+        its own are alive, with the gradient of its output and of its input (none for the network's
+        first leaf). Without leaf data, layers stand for leaves.
+        """
+        items = []  # (saved, out, in) bytes per sample, in execution order
+        for i in layers:
+            layer = P.layers[i]
+            if layer.leaves and len(layer.leaf_saved) == len(layer.leaves):
+                items += [(sv, lf.out_numel * element, lf.in_numel * element)
+                          for lf, sv in zip(layer.leaves, layer.leaf_saved)]
+            else:
+                items.append((layer.saved_bytes, layer.out_bytes, P.layers[i - 1].out_bytes if i > 0 else P.input_bytes))
+        if layers and layers[0] == 0 and items:
+            items[0] = (items[0][0], items[0][1], 0)
+        total = sum(sv for sv, _, _ in items)
+        peak, before = 0.0, total
+        for sv, out, inp in reversed(items):
+            before -= sv
+            peak = max(peak, before + sv + out + inp)
+        return max(0.0, peak - total) * mu * scale_tp
+
+    scale_tp = 1.0 / tp if tp > 1 else 1.0  # sharded leaves: their activations and gradients split over tp (roughly)
     best: Optional[list[Term]] = None
     for r in per_rank:
         weights = rank_params[r]
-        acts = sum(saved[s] + inbuf[s] for s in per_rank[r]) * inflight(r)
+        counts = in_flight(L, r)
+        acts = sum((saved[s] + inbuf[s]) * counts[s] for s in per_rank[r])
+        grads_alive = max(transient(stages[s]) for s in per_rank[r])
         buffers = grad_wire[r] if L.dp > 1 and L.sync == "allreduce" else 0.0
         if L.dp > 1 and L.sync == "parameter_server" and r == 0:
             buffers = (2 + optimizer_states) * weights  # the server's parameters, optimizer states, received gradients
@@ -339,6 +358,7 @@ def predict(
             Term("M_3", f"optimizer states ({optimizer_states} per parameter)", optimizer_states * weights),
             Term("M_4", "activations kept for backward, micro-batches in flight", acts),
             Term("M_5", "communication buffers", buffers),
+            Term("M_6", "backward peak above M_4 (a leaf's output and input gradients, one micro-batch)", grads_alive),
         ]
         if best is None or sum(t.value for t in memory_terms) > sum(t.value for t in best):
             best = memory_terms
@@ -423,6 +443,31 @@ def shared_cores(layout: Layout, profile: ModelProfile, compute: Sequence[float]
     if P.profile_slowdown > 1:
         formula += f"; profile / {P.profile_slowdown:.3g} ({P.profiled_sharing} processes shared {P.cores} cores)"
     return SharedCores(path_compute, optimizer, heaviest, slots, ranks, factor, busy, formula)
+
+
+def in_flight(layout: Layout, pp_rank: int) -> dict[int, int]:
+    """Micro-batches whose activations stage ``s`` of ``pp_rank`` holds at the schedule's peak: ``{stage: count}``.
+
+    The counts follow torch's schedules: GPipe runs every forward first (``m`` on every stage);
+    1F1B warms up with ``min(m, p - r)`` forwards, then alternates backward and forward; interleaved
+    1F1B warms up with ``(v - 1) k + 2 (p - 1 - r)`` chunk-forwards (``k`` micro-batches per round),
+    then runs a forward before each backward (one more), taking local stages in turns of ``k``.
+    """
+    L, r = layout, pp_rank
+    stages = [s for s, rank in enumerate(L.stage_ranks()) if rank == r] if L.pp > 1 else [0]
+    m, p, v = L.microbatches, L.pp, L.stages_per_rank
+    if L.pp == 1:
+        return {0: 1}
+    if L.schedule == "gpipe":
+        return {s: m for s in stages}
+    if L.schedule == "1f1b":
+        return {stages[0]: min(m, p - r)}
+    per_round = m // max(1, m // p)
+    forwards = min(m * v, (v - 1) * per_round + 2 * (p - 1 - r) + 1)
+    counts = {s: 0 for s in stages}
+    for k in range(forwards):
+        counts[stages[(k // per_round) % v]] += 1
+    return counts
 
 
 def p2p_bytes(layout: Layout, profile: ModelProfile, stages: list[list[int]], mu: float) -> list[float]:
