@@ -150,7 +150,8 @@ def worker(path: str) -> int:
     mine = _measure_rank(rank, sc.world, build_network, fk, (3, sc.image_size, sc.image_size), 10, sc.global_batch,
                          [e.layout for e in chosen], job["steps"], 1, job["rounds"], 300.0,
                          trainer_kwargs={"devices": per_node, "num_nodes": sc.nodes})
-    dist.init_process_group("gloo")
+    if not dist.is_initialized():  # Lightning keeps its process group after fit
+        dist.init_process_group("gloo")
     everyone: list = [None] * sc.world
     dist.all_gather_object(everyone, mine)
     if rank == 0:
@@ -226,7 +227,7 @@ def _report(sc: Scenario, plan, chosen: list, measured: dict, plan_s: float, cal
             "layout": e.layout.label, "predicted_s": e.step_s, "measured_s": m["step_s"],
             "error": abs(e.step_s - m["step_s"]) / m["step_s"],
             "predicted_mem": e.memory_bytes, "measured_mem": m.get("peak_heap_bytes", float("nan")),
-            "measured_rss": m["peak_rss_bytes"], "cores_factor": e.features.get("cores_factor", 1.0),
+            "rss_mem": m["peak_rss_bytes"], "cores_factor": e.features.get("cores_factor", 1.0),
         })
     best = min(rows, key=lambda r: r["measured_s"])
     pick = next((r for r in rows if r["layout"] == plan.best.layout.label), None)
@@ -424,7 +425,11 @@ def main(argv=None) -> int:
         print(format_table([{k: (v * 1e3 if k.endswith("_s") else v / 1e6 if k.endswith("_mem") else v)
                              for k, v in row.items()} for row in result["layouts"]]), flush=True)
         print(f"chosen {result['chosen']} ({result['chosen_ips']:.4g} img/s), best {result['best']} "
-              f"({result['best_ips']:.4g} img/s), regret {result['regret']:.3f}", flush=True)
+              f"({result['best_ips']:.4g} img/s), regret {result['regret']}, load {result['load']}", flush=True)
+        if args.out:  # after every scenario, so a run stopped early keeps what it measured
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump({"results": results, "partial": True}, f, indent=1, default=str)
     report: dict = {"results": results, "skipped": [s.name + ": " + s.skip for s in skipped]}
     if results:
         rows = [{"scenario": r["scenario"]["name"] + (" *" if r["in_sample"] else ""), "chosen": r["chosen"],
