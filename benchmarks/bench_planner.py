@@ -317,6 +317,18 @@ def reanalyze(path: str, args) -> list[dict]:
     return out
 
 
+def scenario_rows(results: list[dict]) -> list[dict]:
+    """One row per scenario: chosen and best layouts, regret, errors, the load average while it ran."""
+    return [{"scenario": r["scenario"]["name"] + (" *" if r["in_sample"] else ""), "chosen": r["chosen"],
+             "chosen img/s": r["chosen_ips"], "best measured": r["best"], "best img/s": r["best_ips"],
+             "regret": r["regret"] if r["regret"] is not None else "n/a",
+             "median error": statistics.median(row["error"] for row in r["layouts"]),
+             "max error": max(row["error"] for row in r["layouts"]),
+             "median mem error": statistics.median(abs(row["predicted_mem"] - row["measured_mem"]) / row["measured_mem"]
+                                                   for row in r["layouts"]),
+             "load": f"{r['load'][0]:.0f}" if r.get("load") else ""} for r in results]
+
+
 def summarize(results: list[dict]) -> dict:
     regrets = [r["regret"] for r in results if r["regret"] is not None]
     errors = sorted(row["error"] for r in results for row in r["layouts"])
@@ -336,6 +348,7 @@ def summarize(results: list[dict]) -> dict:
         "median error (out of sample)": statistics.median(oos) if oos else float("nan"),
         "p90 error (out of sample)": pct(oos, 0.9),
         "median memory error": statistics.median(mem) if mem else float("nan"),
+        "memory within 15%": sum(e <= 0.15 for e in mem) / len(mem) if mem else float("nan"),
     }
 
 
@@ -379,9 +392,17 @@ def main(argv=None) -> int:
     p.add_argument("--reanalyze", default="", help="a finished run's JSON: re-predict its measurements, measure nothing")
     p.add_argument("--scenario-timeout", type=float, default=1800.0, help="seconds per simulated-cluster scenario")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one rank of a cluster scenario
+    p.add_argument("--report", default="", help="a (partial) run's JSON: print its tables and summary, plot; measure nothing")
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker)
+    if args.report:
+        results = json.load(open(args.report))["results"]
+        print(format_table(scenario_rows(results)))
+        print("\n" + format_table([summarize(results)]))
+        if args.plot:
+            plot(results, args.plot)
+        return 0
     if args.reanalyze:
         results = reanalyze(args.reanalyze, args)
         rows = [{"scenario": r["scenario"]["name"] + (" *" if r["in_sample"] else ""), "chosen": r["chosen"],
