@@ -439,7 +439,13 @@ def main(argv=None) -> int:
         if sc.skip:
             continue
         print(f"== {sc.name}", flush=True)
-        result = run_scenario(sc, args, calibrations.get(sc.world))
+        try:
+            result = run_scenario(sc, args, calibrations.get(sc.world))
+        except Exception as err:  # one scenario's failure (e.g. a gloo connect timeout) must not end the grid
+            print(f"scenario {sc.name} failed: {type(err).__name__}: {str(err)[-500:]}", flush=True)
+            skipped.append(sc)
+            sc.skip = f"failed: {type(err).__name__}"
+            continue
         if sc.world not in calibrations:
             calibrations[sc.world] = Calibration(**result["calibration"])
         results.append(result)
