@@ -146,6 +146,7 @@ def worker(path: str) -> int:
                        global_batch=sc.global_batch, cache_dir=None, repeats=job["repeats"], ranks_per_node=per_node,
                        calibration=Calibration(**job["calibration"]), max_microbatches=job["max_microbatches"])
     chosen = candidates(plan, job["top"])
+    dist.barrier()  # every rank done with the planning group before Lightning makes its own
     dist.destroy_process_group()
     mine = _measure_rank(rank, sc.world, build_network, fk, (3, sc.image_size, sc.image_size), 10, sc.global_batch,
                          [e.layout for e in chosen], job["steps"], 1, job["rounds"], 300.0,
@@ -442,7 +443,8 @@ def main(argv=None) -> int:
         try:
             result = run_scenario(sc, args, calibrations.get(sc.world))
         except Exception as err:  # one scenario's failure (e.g. a gloo connect timeout) must not end the grid
-            print(f"scenario {sc.name} failed: {type(err).__name__}: {str(err)[-500:]}", flush=True)
+            lines = [line for line in str(err).splitlines() if "Error" in line and "errors.html" not in line]
+            print(f"scenario {sc.name} failed: {type(err).__name__}: " + " | ".join(lines[-4:])[-1500:], flush=True)
             skipped.append(sc)
             sc.skip = f"failed: {type(err).__name__}"
             continue
