@@ -62,24 +62,30 @@ def _cnn(filters: int, width: int) -> dict:
 
 
 SEED_NET = {"model": "seed_net"}
+RESNET = {"model": "resnet", "resnet_width": 8}
+LINKS_MBIT = (1000.0, 100.0)
 
 
 def grid(name: str) -> list[Scenario]:
+    """``full``: 2 CNN widths + the small ResNet x batches 32, 128 x worlds 2, 4 x (1 node, 2 nodes at 1 Gbit/s and
+    100 Mbit/s) = 36 scenarios; ``core``: one node and 2 nodes at 100 Mbit/s, batch 32 = 12; ``reduced``: 4."""
     if name == "none":
         return []
     if name == "reduced":
         return [
             Scenario("cnn16 b32 w2", _cnn(16, 64), 2, 32),
             Scenario("cnn16 b32 w4", _cnn(16, 64), 4, 32),
-            Scenario("seednet b32 w2", SEED_NET, 2, 32),
-            Scenario("cnn32 b64 w4", _cnn(32, 256), 4, 64),
+            Scenario("resnet8 b32 w2", RESNET, 2, 32),
+            Scenario("cnn64 b128 w4", _cnn(64, 256), 4, 128),
         ]
+    batches = (32, 128) if name == "full" else (32,)
+    links = LINKS_MBIT if name == "full" else LINKS_MBIT[1:]
     out = []
     for world in (2, 4):
-        for model_name, model in (("cnn16", _cnn(16, 64)), ("cnn64", _cnn(64, 256)), ("seednet", SEED_NET)):
-            for batch in (32, 128):
+        for model_name, model in (("cnn16", _cnn(16, 64)), ("cnn64", _cnn(64, 256)), ("resnet8", RESNET)):
+            for batch in batches:
                 out.append(Scenario(f"{model_name} b{batch} w{world}", model, world, batch))
-                for mbit in (1000.0, 100.0):
+                for mbit in links:
                     out.append(Scenario(f"{model_name} b{batch} w{world} 2 nodes {mbit:g} Mbit/s", model, world, batch,
                                         nodes=2, link_mbit=mbit))
     return out
@@ -87,10 +93,10 @@ def grid(name: str) -> list[Scenario]:
 
 def _cluster_missing() -> str:
     try:
-        import lightning_distnn.testing.cluster  # noqa: F401
+        from lightning_distnn.testing.cluster import unsupported_reason
     except ImportError:
         return "simulated cluster (lightning_distnn.testing.cluster) not available in this checkout"
-    return "2-node scenarios are not wired to the simulated cluster yet"
+    return unsupported_reason() or ""
 
 
 def _factory_kwargs(sc: Scenario) -> dict:
@@ -98,6 +104,65 @@ def _factory_kwargs(sc: Scenario) -> dict:
     if kwargs["model"] == "case_study":
         kwargs["image_size"] = sc.image_size
     return kwargs
+
+
+def _measure_cluster(sc: Scenario, args, calibration: Calibration) -> tuple:
+    """Plan and measure ``sc`` on 2 simulated nodes: every node runs this file's ``--worker`` under torchrun."""
+    import tempfile
+
+    from lightning_distnn.testing.cluster import SimulatedCluster
+
+    out = tempfile.mkdtemp(prefix="bench_planner_")
+    job = {"scenario": asdict(sc), "calibration": asdict(calibration), "top": args.top, "steps": args.steps,
+           "rounds": args.rounds, "repeats": args.repeats, "max_microbatches": args.max_microbatches,
+           "out": os.path.join(out, "result.json")}
+    path = os.path.join(out, "job.json")
+    with open(path, "w") as f:
+        json.dump(job, f)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with SimulatedCluster(nodes=sc.nodes, link=f"{sc.link_mbit:g}mbit", procs_per_node=sc.world // sc.nodes) as cluster:
+        cluster.run([os.path.abspath(__file__), "--worker", path], env=env, timeout=args.scenario_timeout, cwd=root)
+    with open(job["out"]) as f:
+        return json.load(f)
+
+
+def worker(path: str) -> int:
+    """One rank of a simulated-cluster scenario (run by torchrun on every node): plan in the processes, then measure."""
+    import torch.distributed as dist
+
+    from lightning_distnn.planner.cost import Layout
+    from lightning_distnn.planner.measure import _measure_rank, summarize_rank_results
+
+    job = json.load(open(path))
+    sc = Scenario(**job["scenario"])
+    fk = _factory_kwargs(sc)
+    per_node = sc.world // sc.nodes
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    net = build_network(**fk)
+    plan = plan_layout(net, torch.randn(1, 3, sc.image_size, sc.image_size), world_size=sc.world,
+                       global_batch=sc.global_batch, cache_dir=None, repeats=job["repeats"], ranks_per_node=per_node,
+                       calibration=Calibration(**job["calibration"]), max_microbatches=job["max_microbatches"])
+    chosen = candidates(plan, job["top"])
+    dist.barrier()  # every rank done with the planning group before Lightning makes its own
+    dist.destroy_process_group()
+    mine = _measure_rank(rank, sc.world, build_network, fk, (3, sc.image_size, sc.image_size), 10, sc.global_batch,
+                         [e.layout for e in chosen], job["steps"], 1, job["rounds"], 300.0,
+                         trainer_kwargs={"devices": per_node, "num_nodes": sc.nodes})
+    if not dist.is_initialized():  # Lightning keeps its process group after fit
+        dist.init_process_group("gloo")
+    everyone: list = [None] * sc.world
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        measured = {e.layout.label: summarize_rank_results(everyone, e.layout.label) for e in chosen}
+        with open(job["out"], "w") as f:
+            json.dump({"profile": plan.profile.to_dict(), "network": plan.network.to_dict(),
+                       "layouts": [asdict(e.layout) for e in chosen], "measured": measured}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
 
 
 def candidates(plan, top: int) -> list:
@@ -111,7 +176,23 @@ def candidates(plan, top: int) -> list:
     return chosen
 
 
+def run_cluster_scenario(sc: Scenario, args, calibration: Calibration) -> dict:
+    from lightning_distnn.planner import ModelProfile, Network
+    from lightning_distnn.planner.cost import Layout
+
+    t0 = time.perf_counter()
+    data = _measure_cluster(sc, args, calibration)
+    profile, network = ModelProfile.from_dict(data["profile"]), Network.from_dict(data["network"])
+    plan = search(profile, network, world_size=sc.world, global_batch=sc.global_batch, calibration=calibration,
+                  max_microbatches=args.max_microbatches)
+    by_label = {e.layout.label: e for e in plan.ranked}
+    chosen = [by_label[Layout(**{**d, "partition": tuple(d["partition"])}).label] for d in data["layouts"]]
+    return _report(sc, plan, chosen, data["measured"], time.perf_counter() - t0, calibration, None)
+
+
 def run_scenario(sc: Scenario, args, calibration: Calibration | None) -> dict:
+    if sc.nodes > 1:
+        return run_cluster_scenario(sc, args, calibration or Calibration())
     fk = _factory_kwargs(sc)
     torch.manual_seed(0)
     net = build_network(**fk)
@@ -136,23 +217,31 @@ def run_scenario(sc: Scenario, args, calibration: Calibration | None) -> dict:
                                     global_batch=sc.global_batch, steps=args.steps, rounds=args.rounds)
             measured.update(extra)
             chosen.append(plan.best)
+    return _report(sc, plan, chosen, measured, plan_s, calibration, fitted)
+
+
+def _report(sc: Scenario, plan, chosen: list, measured: dict, plan_s: float, calibration, fitted) -> dict:
     rows = []
     for e in chosen:
         m = measured[e.layout.label]
         rows.append({
             "layout": e.layout.label, "predicted_s": e.step_s, "measured_s": m["step_s"],
             "error": abs(e.step_s - m["step_s"]) / m["step_s"],
-            "predicted_mem": e.memory_bytes, "measured_mem": m["peak_rss_bytes"],
+            "predicted_mem": e.memory_bytes, "measured_mem": m.get("peak_heap_bytes", float("nan")),
+            "rss_mem": m["peak_rss_bytes"], "cores_factor": e.features.get("cores_factor", 1.0),
         })
     best = min(rows, key=lambda r: r["measured_s"])
-    pick = next(r for r in rows if r["layout"] == plan.best.layout.label)
+    pick = next((r for r in rows if r["layout"] == plan.best.layout.label), None)
+    if pick is None:  # the re-planned choice was not among the measured layouts: no regret can be given
+        pick = {"layout": plan.best.layout.label, "measured_s": float("nan")}
     return {
         "scenario": asdict(sc), "plan_s": plan_s, "in_sample": calibration is None,
+        "load": os.getloadavg(),
         "calibration": asdict(fitted or calibration), "network": plan.network.to_dict(),
         "chosen": pick["layout"], "chosen_ips": sc.global_batch / pick["measured_s"],
         "best": best["layout"], "best_ips": sc.global_batch / best["measured_s"],
-        "regret": pick["measured_s"] / best["measured_s"] - 1, "layouts": rows,
-        "winner_terms": {t.symbol: t.value for t in plan.best.terms},
+        "regret": None if math.isnan(pick["measured_s"]) else pick["measured_s"] / best["measured_s"] - 1,
+        "layouts": rows, "winner_terms": {t.symbol: t.value for t in plan.best.terms},
     }
 
 
@@ -229,6 +318,18 @@ def reanalyze(path: str, args) -> list[dict]:
     return out
 
 
+def scenario_rows(results: list[dict]) -> list[dict]:
+    """One row per scenario: chosen and best layouts, regret, errors, the load average while it ran."""
+    return [{"scenario": r["scenario"]["name"] + (" *" if r["in_sample"] else ""), "chosen": r["chosen"],
+             "chosen img/s": r["chosen_ips"], "best measured": r["best"], "best img/s": r["best_ips"],
+             "regret": r["regret"] if r["regret"] is not None else "n/a",
+             "median error": statistics.median(row["error"] for row in r["layouts"]),
+             "max error": max(row["error"] for row in r["layouts"]),
+             "median mem error": statistics.median(abs(row["predicted_mem"] - row["measured_mem"]) / row["measured_mem"]
+                                                   for row in r["layouts"]),
+             "load": f"{r['load'][0]:.0f}" if r.get("load") else ""} for r in results]
+
+
 def summarize(results: list[dict]) -> dict:
     regrets = [r["regret"] for r in results if r["regret"] is not None]
     errors = sorted(row["error"] for r in results for row in r["layouts"])
@@ -248,6 +349,7 @@ def summarize(results: list[dict]) -> dict:
         "median error (out of sample)": statistics.median(oos) if oos else float("nan"),
         "p90 error (out of sample)": pct(oos, 0.9),
         "median memory error": statistics.median(mem) if mem else float("nan"),
+        "memory within 15%": sum(e <= 0.15 for e in mem) / len(mem) if mem else float("nan"),
     }
 
 
@@ -275,7 +377,7 @@ def plot(results: list[dict], path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", choices=("full", "reduced", "none"), default="reduced")
+    p.add_argument("--grid", choices=("full", "core", "reduced", "none"), default="reduced")
     p.add_argument("--only", default="", help="comma-separated scenario names to run (default: all)")
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--steps", type=int, default=3)
@@ -289,7 +391,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="")
     p.add_argument("--plot", default="")
     p.add_argument("--reanalyze", default="", help="a finished run's JSON: re-predict its measurements, measure nothing")
+    p.add_argument("--scenario-timeout", type=float, default=1800.0, help="seconds per simulated-cluster scenario")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one rank of a cluster scenario
+    p.add_argument("--report", default="", help="a (partial) run's JSON: print its tables and summary, plot; measure nothing")
     args = p.parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+    if args.report:
+        results = json.load(open(args.report))["results"]
+        print(format_table(scenario_rows(results)))
+        print("\n" + format_table([summarize(results)]))
+        if args.plot:
+            plot(results, args.plot)
+        return 0
     if args.reanalyze:
         results = reanalyze(args.reanalyze, args)
         rows = [{"scenario": r["scenario"]["name"] + (" *" if r["in_sample"] else ""), "chosen": r["chosen"],
@@ -319,20 +433,32 @@ def main(argv=None) -> int:
     for sc in scenarios:
         if sc.nodes > 1:
             sc.skip = _cluster_missing()
-            skipped.append(sc)
+            if sc.skip:
+                skipped.append(sc)
     results, calibrations = [], {}
     for sc in scenarios:
         if sc.skip:
             continue
         print(f"== {sc.name}", flush=True)
-        result = run_scenario(sc, args, calibrations.get(sc.world))
+        try:
+            result = run_scenario(sc, args, calibrations.get(sc.world))
+        except Exception as err:  # one scenario's failure (e.g. a gloo connect timeout) must not end the grid
+            lines = [line for line in str(err).splitlines() if "Error" in line and "errors.html" not in line]
+            print(f"scenario {sc.name} failed: {type(err).__name__}: " + " | ".join(lines[-4:])[-1500:], flush=True)
+            skipped.append(sc)
+            sc.skip = f"failed: {type(err).__name__}"
+            continue
         if sc.world not in calibrations:
             calibrations[sc.world] = Calibration(**result["calibration"])
         results.append(result)
         print(format_table([{k: (v * 1e3 if k.endswith("_s") else v / 1e6 if k.endswith("_mem") else v)
                              for k, v in row.items()} for row in result["layouts"]]), flush=True)
         print(f"chosen {result['chosen']} ({result['chosen_ips']:.4g} img/s), best {result['best']} "
-              f"({result['best_ips']:.4g} img/s), regret {result['regret']:.3f}", flush=True)
+              f"({result['best_ips']:.4g} img/s), regret {result['regret']}, load {result['load']}", flush=True)
+        if args.out:  # after every scenario, so a run stopped early keeps what it measured
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump({"results": results, "partial": True}, f, indent=1, default=str)
     report: dict = {"results": results, "skipped": [s.name + ": " + s.skip for s in skipped]}
     if results:
         rows = [{"scenario": r["scenario"]["name"] + (" *" if r["in_sample"] else ""), "chosen": r["chosen"],

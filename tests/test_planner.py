@@ -27,14 +27,14 @@ from lightning_distnn.planner.measure import fit_calibration
 MS = 1e-3
 
 
-def hand_profile(n=4, fwd=1 * MS, bwd=2 * MS, param_bytes=4000, out_bytes=400, saved_bytes=800):
+def hand_profile(n=4, fwd=1 * MS, bwd=2 * MS, param_bytes=4000, out_bytes=400, saved_bytes=800, **machine):
     """n equal layers whose forward/backward take ``fwd``/``bwd`` seconds per sample (linear in the batch)."""
     layers = [
         LayerProfile(index=i, name=f"L{i}", forward_s={1: fwd, 8: 8 * fwd}, backward_s={1: bwd, 8: 8 * bwd},
                      param_bytes=param_bytes, out_bytes=out_bytes, saved_bytes=saved_bytes)
         for i in range(n)
     ]
-    return ModelProfile(layers=layers, input_bytes=out_bytes)
+    return ModelProfile(layers=layers, input_bytes=out_bytes, **machine)
 
 
 FAST = Network(Link(latency=1e-6, bandwidth=1e12))
@@ -81,6 +81,60 @@ def test_interleaving_shrinks_the_bubble_and_1f1b_the_memory():
     assert t1[2] == pytest.approx((8 + 1 / 2) * c)  # (m + (p-1)/v) c
     mem = [{t.symbol: t.value for t in e.memory_terms}["M_4"] for e in (gpipe, one)]
     assert mem[1] == pytest.approx(mem[0] * 2 / 8)  # 1F1B keeps p = 2 micro-batches in flight, GPipe m = 8
+
+
+def test_shared_cores_stretch_the_step_to_the_hosts_work():
+    """10 ranks on 2 cores: every layout's compute is at least the host's total work / 2 cores."""
+    layers5 = dict(n=5)  # 15 ms per sample through the model, 3 ms per layer
+    alone = hand_profile(**layers5)  # cores=0: a core per rank (GPU-like), no sharing term
+    shared = hand_profile(cores=2, threads=1, **layers5)
+    dp = Layout(dp=10)
+    pipe = Layout(dp=2, pp=5, schedule="gpipe", microbatches=4, partition=(1, 1, 1, 1, 1))
+
+    def t1(est):
+        return {t.symbol: t for t in est.terms}["T_1"]
+
+    # dp10, 4 samples per rank: 60 ms each; the host runs 10 x 60 ms on 2 cores -> 300 ms
+    assert t1(predict(dp, alone, FAST, global_batch=40)).value == pytest.approx(60 * MS)
+    est = predict(dp, shared, FAST, global_batch=40)
+    assert t1(est).value == pytest.approx(300 * MS) and est.features["cores_factor"] == pytest.approx(5)
+    # dp2 x pp5 GPipe, m=4 micro-batches of 5: path (m + p - 1) c = 8 x 15 ms = 120 ms with a core per rank;
+    # each rank computes 4 x 15 = 60 ms, busy 20% of a 300 ms step: the host's 600 ms of work on 2 cores wins
+    assert t1(predict(pipe, alone, FAST, global_batch=40)).value == pytest.approx(120 * MS)
+    est = predict(pipe, shared, FAST, global_batch=40)
+    assert t1(est).value == pytest.approx(300 * MS)
+    assert est.features["busy_max"] == pytest.approx(0.2)
+    assert "shared cores" in t1(est).formula and "busy 0.20-0.20" in est.seed_form()
+    # enough cores for every rank: no term; two hosts of 5 ranks with 5 cores each: none either
+    assert predict(pipe, hand_profile(cores=16, **layers5), FAST, global_batch=40).step_s == pytest.approx(
+        predict(pipe, alone, FAST, global_batch=40).step_s)
+    assert t1(predict(dp, hand_profile(cores=5, ranks_per_host=5, **layers5), FAST, global_batch=40)).value == \
+        pytest.approx(60 * MS)
+    # two threads per rank on 2 cores: one rank fills the host, the 10 take 10 x 60 ms
+    assert t1(predict(dp, hand_profile(cores=2, threads=2, **layers5), FAST, global_batch=40)).value == \
+        pytest.approx(600 * MS)
+
+
+def test_profile_taken_on_shared_cores_is_decontended():
+    """A profile measured by 10 processes on 2 cores ran 5x slow; dp10 on the same host gets that time back."""
+    profiled = hand_profile(n=5, cores=2, threads=1, profiled_sharing=10)
+    assert profiled.profile_slowdown == pytest.approx(5)
+    est = predict(Layout(dp=10), profiled, FAST, global_batch=40)
+    assert {t.symbol: t.value for t in est.terms}["T_1"] == pytest.approx(60 * MS)
+    pipe = Layout(pp=5, schedule="gpipe", microbatches=8, partition=(1,) * 5)  # one replica: 5 ranks, 2 cores
+    # per micro-batch of 5 samples a stage takes 15 ms / 5 = 3 ms alone; path (8 + 4) x 3 = 36 ms,
+    # work 5 ranks x 8 x 3 ms = 120 ms on 2 cores = 60 ms
+    assert {t.symbol: t.value for t in predict(pipe, profiled, FAST, global_batch=40).terms}["T_1"] == \
+        pytest.approx(60 * MS)
+
+
+def test_search_on_shared_cores_stops_preferring_data_parallel_by_the_bubble_alone():
+    """On 10 ranks / 2 cores the bubble costs nothing: dp10 and dp2 x pp5 predict the same compute."""
+    shared = hand_profile(n=5, cores=2, threads=1)
+    plan = search(shared, FAST, world_size=10, global_batch=40, compressions=("none",), syncs=("allreduce",))
+    dp = plan.find(dp=10)
+    pipe = plan.find(dp=2, pp=5, schedule="gpipe", microbatches=4)
+    assert {t.symbol: t.value for t in pipe.terms}["T_1"] == pytest.approx({t.symbol: t.value for t in dp.terms}["T_1"])
 
 
 def test_tensor_parallel_splits_compute_and_adds_collectives():
@@ -254,3 +308,54 @@ def test_second_plan_reads_the_cache(tmp_path, monkeypatch):
     plan_layout(net, x, world_size=4, global_batch=8, cache_dir=tmp_path, repeats=1, microbatch_sizes=(1, 2))
     assert len(calls) == 2  # another world size is another key
     assert math.isfinite(first.best.images_per_s)
+
+
+# ---- memory ----------------------------------------------------------------------------------
+def test_in_flight_follows_the_schedules():
+    from lightning_distnn.planner.cost import in_flight
+
+    gpipe = Layout(pp=2, schedule="gpipe", microbatches=8, partition=(2, 2))
+    assert in_flight(gpipe, 0) == {0: 8} and in_flight(gpipe, 1) == {1: 8}
+    one = Layout(pp=4, schedule="1f1b", microbatches=8, partition=(1, 1, 1, 1))
+    assert [in_flight(one, r) for r in range(4)] == [{0: 4}, {1: 3}, {2: 2}, {3: 1}]
+    # interleaved, p=2, v=2, m=4 (rounds of 2): rank 0 warms up with (v-1) 2 + 2 (p-1) = 4 chunk-forwards,
+    # then one more forward before its first backward: stage 0 twice, stage 2 twice, stage 0 again
+    inter = Layout(pp=2, schedule="interleaved_1f1b", microbatches=4, partition=(1, 1, 1, 1), stages_per_rank=2)
+    assert in_flight(inter, 0) == {0: 3, 2: 2} and in_flight(inter, 1) == {1: 2, 3: 1}
+
+
+def test_backward_peak_sweeps_the_leaves():
+    """M_6: at leaf k the saved tensors up to k are alive with k's output and input gradients."""
+    from lightning_distnn.planner import Leaf
+
+    layer = LayerProfile(index=0, name="L0", forward_s={1: MS}, backward_s={1: MS}, param_bytes=0, out_bytes=100,
+                         saved_bytes=440, leaves=[Leaf("0.0", "Conv2d", 10, 100), Leaf("0.1", "ReLU", 100, 100)],
+                         leaf_saved=[40, 400])
+    head = LayerProfile(index=1, name="L1", forward_s={1: MS}, backward_s={1: MS}, param_bytes=0, out_bytes=10,
+                        saved_bytes=100)
+    prof = ModelProfile(layers=[layer, head], input_bytes=40)
+    terms = {t.symbol: t.value for t in predict(Layout(), prof, FAST, global_batch=2).memory_terms}
+    # all saved: 40 + 400 + 100 = 540 bytes per sample; at the ReLU (100 float32 in, 100 out): 40 + 400 saved
+    # + 400 output gradient + 400 input gradient = 1240
+    assert terms["M_4"] == pytest.approx((540 + 40) * 2)  # + the input batch
+    assert terms["M_6"] == pytest.approx((1240 - 540) * 2)
+
+
+def test_predicted_memory_is_within_15_percent_of_a_real_training_step():
+    """One process, a real Lightning step: the heap's peak (MemoryProbe) against M = sum of M_i."""
+    from lightning_distnn.models import ImageClassifier
+    from lightning_distnn.planner.measure import MemoryProbe, heap_in_use
+    from lightning_distnn.testing.equivalence import FixedDataModule, quiet_trainer
+
+    if heap_in_use() < 0:
+        pytest.skip("needs glibc's mallinfo2 to read the heap")
+    torch.manual_seed(0)
+    net = CaseStudyCNN(conv_filters=32, fc_width=128, image_size=32)
+    prof = profile_model(net, torch.randn(1, 3, 32, 32), microbatch_sizes=(32,), repeats=1, tp_degrees=())
+    predicted = predict(Layout(), prof, FAST, global_batch=32)
+    probe = MemoryProbe(step_index=1)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    trainer = quiet_trainer("auto", devices=1, max_steps=2, callbacks=[probe])
+    trainer.fit(ImageClassifier(net, num_classes=10), datamodule=FixedDataModule(x, y, 32))
+    assert probe.peak > 0
+    assert abs(predicted.memory_bytes - probe.peak) / probe.peak < 0.15, (predicted.seed_form(), probe.peak)

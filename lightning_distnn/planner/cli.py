@@ -33,7 +33,7 @@ from lightning_distnn.planner.plan import plan_layout
 from lightning_distnn.planner.cache import DEFAULT_CACHE
 from lightning_distnn.planner.search import NoLayoutFits, format_table
 
-MODELS = ("case_study", "seed_net")
+MODELS = ("case_study", "seed_net", "resnet")
 
 
 def build_network(model: str = "case_study", **kwargs: Any) -> nn.Sequential:
@@ -44,6 +44,13 @@ def build_network(model: str = "case_study", **kwargs: Any) -> nn.Sequential:
         return CaseStudyCNN(**kwargs)
     if model == "seed_net":
         return SeedNet(num_classes=kwargs.get("num_classes", 10), in_channels=kwargs.get("in_channels", 3))
+    if model == "resnet":  # the small ResNet-18 of models/resnet.py, as the chain of layers a pipeline cuts
+        from lightning_distnn.models.resnet import resnet18_cifar
+        from lightning_distnn.parallel.chain import chain_as_sequential
+
+        net = resnet18_cifar(width=kwargs.get("resnet_width", 8), num_classes=kwargs.get("num_classes", 10),
+                             in_channels=kwargs.get("in_channels", 3))
+        return chain_as_sequential(net).sequential
     raise ValueError(f"Unknown model {model!r}; valid: {', '.join(MODELS)}.")
 
 
@@ -80,6 +87,7 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--fc-layers", type=int, default=3)
     m.add_argument("--fc-width", type=int, default=1024)
     m.add_argument("--image-size", type=int, default=32)
+    m.add_argument("--resnet-width", type=int, default=8, help="--model resnet: channels of its first stage")
     m.add_argument("--channels", type=int, default=3)
     m.add_argument("--classes", type=int, default=10)
     r = p.add_argument_group("run")
@@ -119,6 +127,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.model == "case_study":
         factory_kwargs.update(conv_layers=args.conv_layers, conv_filters=args.conv_filters, fc_layers=args.fc_layers,
                               fc_width=args.fc_width, image_size=args.image_size)
+    if args.model == "resnet":
+        factory_kwargs["resnet_width"] = args.resnet_width
     torch.manual_seed(0)
     try:
         net = build_network(**factory_kwargs)

@@ -241,7 +241,8 @@ def predict(
 
     compute, p2p, tpcomm, params, saved, inbuf, ncoll = [], [], [], [], [], [], []
     for s, layers in enumerate(stages):
-        comp = sum((P.layers[i].time("forward", mu) + P.layers[i].time("backward", mu)) * shard(P.layers[i]) for i in layers)
+        comp = sum((P.layers[i].time("forward", mu) + P.layers[i].time("backward", mu)) * shard(P.layers[i])
+                   for i in layers) / P.profile_slowdown
         send = 0.0
         if s < len(stages) - 1:
             send += pp_link.p2p(P.layers[layers[-1]].out_bytes * mu)  # activation forward
@@ -263,7 +264,8 @@ def predict(
         tpcomm.append(coll)
         params.append(sum(P.layers[i].param_bytes * shard(P.layers[i]) for i in layers))
         saved.append(sum(P.layers[i].saved_bytes * shard(P.layers[i]) for i in layers) * mu)
-        inbuf.append((P.layers[layers[0] - 1].out_bytes if layers[0] > 0 else P.input_bytes) * mu)
+        inbuf.append((P.layers[layers[0] - 1].out_bytes if layers[0] > 0 else P.input_bytes) * mu
+                     + (P.layers[layers[-1]].out_bytes * mu if L.pp > 1 else 0.0))  # a stage keeps its output for the backward
 
     # critical path: m * C_r* + (sum_s c_s - C_r*) / v, split over the parts of c_s
     total = [a + b + c for a, b, c in zip(compute, p2p, tpcomm)]
@@ -292,19 +294,22 @@ def predict(
         sync_bytes = (L.dp - 1) * pull
         sync_name = f"parameter server push + pull, {L.dp - 1} workers to 1 server" + (f" ({L.compression})" if wire != element else "")
         sync_formula = "(dp-1) (push + pull bytes) / bandwidth + 2(dp-1) latency"
-    optimizer = P.optimizer_s_per_param * max(rank_params.values()) / element
+    share = shared_cores(L, P, compute, per_rank, rank_params, slow)
+    optimizer = share.optimizer
     cal = calibration or Calibration()
     collectives = m * sum(ncoll[s] for s in per_rank[slow])
-    scale = cal.compute_scale
+    scale = cal.compute_scale * share.factor
     terms = [
         Term("T_0", "framework per step (loop, data, logging) + per pipeline action / tp collective",
              cal.seconds(L, collectives),
              f"{cal.step_s * 1e3:.3g} ms + {cal.action_s * 1e3:.3g} ms x {actions(L)} actions + "
              f"{cal.collective_s * 1e3:.3g} ms x {collectives} collectives" + ("" if cal.fitted_on else " (not calibrated)")),
-        Term("T_1", "forward + backward, pipeline bubble included", scale * path(compute),
+        Term("T_1", "forward + backward, pipeline bubble included" + (", cores shared" if share.factor > 1 else ""),
+             scale * share.path_compute,
              ("m C_r* + (sum_s c_s - C_r*)/v" if L.pp > 1 else "b samples through all layers")
-             + (f", x {scale:.3g} (calibrated)" if scale != 1.0 else "")),
-        Term("T_2", "optimizer step", scale * optimizer, "seconds/parameter x parameters on the slowest rank"),
+             + share.formula + (f", x {cal.compute_scale:.3g} (calibrated)" if cal.compute_scale != 1.0 else "")),
+        Term("T_2", "optimizer step", scale * optimizer,
+             "seconds/parameter x parameters on the slowest rank" + (f", x {share.factor:.3g} shared cores" if share.factor > 1 else "")),
         Term("S_1", "pipeline activations + gradients per micro-batch", path(p2p), "latency + bytes/bandwidth per cut"),
         Term("S_2", f"tensor-parallel collectives over tp={tp}" if tp > 1 else "tensor-parallel collectives (tp=1: none)",
              path(tpcomm), "per sharded pair, ring" if tp > 1 else ""),
@@ -313,19 +318,37 @@ def predict(
     step = sum(t.value for t in terms)
 
     # memory per rank: the largest over pipeline ranks (dp and tp peers hold the same amounts)
-    def inflight(r: int) -> float:
-        if L.pp == 1:
-            return 1
-        if L.schedule == "gpipe":
-            return m
-        if L.schedule == "1f1b":
-            return min(m, L.pp - r)
-        return min(m, (v - 1) * L.pp + (L.pp - r)) / v  # interleaved: chunks in flight, each 1/v of the rank's layers
+    def transient(layers: list[int]) -> float:
+        """How far one micro-batch's backward over ``layers`` rises above holding all its saved activations.
 
+        Sweeping the leaves from the last: at leaf ``k`` the saved tensors of the leaves before it and
+        its own are alive, with the gradient of its output and of its input (none for the network's
+        first leaf). Without leaf data, layers stand for leaves.
+        """
+        items = []  # (saved, out, in) bytes per sample, in execution order
+        for i in layers:
+            layer = P.layers[i]
+            if layer.leaves and len(layer.leaf_saved) == len(layer.leaves):
+                items += [(sv, lf.out_numel * element, lf.in_numel * element)
+                          for lf, sv in zip(layer.leaves, layer.leaf_saved)]
+            else:
+                items.append((layer.saved_bytes, layer.out_bytes, P.layers[i - 1].out_bytes if i > 0 else P.input_bytes))
+        if layers and layers[0] == 0 and items:
+            items[0] = (items[0][0], items[0][1], 0)
+        total = sum(sv for sv, _, _ in items)
+        peak, before = 0.0, total
+        for sv, out, inp in reversed(items):
+            before -= sv
+            peak = max(peak, before + sv + out + inp)
+        return max(0.0, peak - total) * mu * scale_tp
+
+    scale_tp = 1.0 / tp if tp > 1 else 1.0  # sharded leaves: their activations and gradients split over tp (roughly)
     best: Optional[list[Term]] = None
     for r in per_rank:
         weights = rank_params[r]
-        acts = sum(saved[s] + inbuf[s] for s in per_rank[r]) * inflight(r)
+        counts = in_flight(L, r)
+        acts = sum((saved[s] + inbuf[s]) * counts[s] for s in per_rank[r])
+        grads_alive = max(transient(stages[s]) for s in per_rank[r])
         buffers = grad_wire[r] if L.dp > 1 and L.sync == "allreduce" else 0.0
         if L.dp > 1 and L.sync == "parameter_server" and r == 0:
             buffers = (2 + optimizer_states) * weights  # the server's parameters, optimizer states, received gradients
@@ -335,6 +358,7 @@ def predict(
             Term("M_3", f"optimizer states ({optimizer_states} per parameter)", optimizer_states * weights),
             Term("M_4", "activations kept for backward, micro-batches in flight", acts),
             Term("M_5", "communication buffers", buffers),
+            Term("M_6", "backward peak above M_4 (a leaf's output and input gradients, one micro-batch)", grads_alive),
         ]
         if best is None or sum(t.value for t in memory_terms) > sum(t.value for t in best):
             best = memory_terms
@@ -347,7 +371,8 @@ def predict(
         for r in per_rank
     )
     features = {"actions": float(actions(L)), "collectives": float(collectives),
-                "compute": path(compute) + optimizer, "comm": sum(t.value for t in terms if t.symbol.startswith("S"))}
+                "compute": share.factor * (share.path_compute + optimizer), "cores_factor": share.factor,
+                "busy_min": min(share.busy), "busy_max": max(share.busy), "comm": sum(t.value for t in terms if t.symbol.startswith("S"))}
     estimate = Estimate(layout=L, global_batch=global_batch, step_s=step, memory_bytes=memory,
                         bytes_per_step=int(traffic), terms=terms, memory_terms=best, stage_s=total, features=features)
     if max_memory_per_rank is not None and memory > max_memory_per_rank:
@@ -357,6 +382,92 @@ def predict(
             f"(largest term {worst.symbol} {worst.name}: {worst.value / 1e6:.4g} MB)"
         )
     return estimate
+
+
+@dataclass
+class SharedCores:
+    """The oversubscription term of a layout: how much slower compute runs because ranks share a host's cores.
+
+    ``path_compute``: forward + backward on the critical path with a core per rank (``m C_r* + ...``);
+    ``optimizer``: the slowest rank's optimizer step, likewise; ``work``: the compute of all the
+    ranks of the busiest host per step (rank-seconds); ``slots``: ranks the host runs at full speed
+    at once (cores / threads per rank); ``factor`` = max(1, work / min(slots, ranks) / (path_compute
+    + optimizer)): the critical path stretched to the time the host needs for all its work;
+    ``busy``: each pipeline rank's busy fraction of the step (its own work / the step's compute).
+    """
+
+    path_compute: float
+    optimizer: float
+    work: float
+    slots: float
+    ranks: int
+    factor: float
+    busy: list[float]
+    formula: str = ""
+
+
+def shared_cores(layout: Layout, profile: ModelProfile, compute: Sequence[float], per_rank: dict[int, list[int]],
+                 rank_params: dict[int, float], slow: int) -> SharedCores:
+    """Compute time of ``layout`` on hosts whose ranks share cores (see :class:`SharedCores`).
+
+    ``compute[s]``: seconds of stage ``s`` for one micro-batch on a core of its own; pipeline rank
+    ``r`` does ``m * sum(compute of its stages) + its optimizer step`` per step. A host with
+    ``slots`` full-speed rank slots and ``R`` ranks needs at least ``sum of their work / min(slots, R)``
+    seconds; a rank idle in the pipeline bubble gives its core to a busy one, so the step's compute
+    is the longer of the critical path and that.
+    """
+    L, P = layout, profile
+    m, v = L.microbatches, (L.stages_per_rank if L.pp > 1 else 1)
+    mine = sum(compute[s] for s in per_rank[slow])  # slow: the rank on the critical path
+    path_compute = m * mine + (sum(compute) - mine) / v
+    opt = {r: P.optimizer_s_per_param * rank_params[r] / P.element_size / P.profile_slowdown for r in per_rank}
+    optimizer = max(opt.values())
+    work = {r: m * sum(compute[s] for s in per_rank[r]) + opt[r] for r in per_rank}
+    busiest = path_compute + optimizer
+    slots = P.rank_slots
+    if not slots or busiest <= 0:
+        return SharedCores(path_compute, optimizer, 0.0, 0.0, L.world_size, 1.0, [1.0] * len(per_rank))
+    host = P.ranks_per_host if 0 < P.ranks_per_host < L.world_size else L.world_size
+    heaviest, ranks = 0.0, host
+    for first in range(0, L.world_size, host):
+        group = range(first, min(first + host, L.world_size))
+        total = sum(work[(g // L.tp) % L.pp if L.pp > 1 else 0] for g in group)
+        if total > heaviest:
+            heaviest, ranks = total, len(group)
+    factor = max(1.0, heaviest / min(slots, ranks) / busiest)
+    busy = [work[r] / (factor * busiest) for r in sorted(per_rank)]
+    formula = ""
+    if factor > 1:
+        formula = (f"; x {factor:.3g} shared cores = work {heaviest * 1e3:.4g} ms of {ranks} ranks / min({slots:g} "
+                   f"cores, {ranks}) over path {busiest * 1e3:.4g} ms; busy {min(busy):.2f}-{max(busy):.2f}")
+    if P.profile_slowdown > 1:
+        formula += f"; profile / {P.profile_slowdown:.3g} ({P.profiled_sharing} processes shared {P.cores} cores)"
+    return SharedCores(path_compute, optimizer, heaviest, slots, ranks, factor, busy, formula)
+
+
+def in_flight(layout: Layout, pp_rank: int) -> dict[int, int]:
+    """Micro-batches whose activations stage ``s`` of ``pp_rank`` holds at the schedule's peak: ``{stage: count}``.
+
+    The counts follow torch's schedules: GPipe runs every forward first (``m`` on every stage);
+    1F1B warms up with ``min(m, p - r)`` forwards, then alternates backward and forward; interleaved
+    1F1B warms up with ``(v - 1) k + 2 (p - 1 - r)`` chunk-forwards (``k`` micro-batches per round),
+    then runs a forward before each backward (one more), taking local stages in turns of ``k``.
+    """
+    L, r = layout, pp_rank
+    stages = [s for s, rank in enumerate(L.stage_ranks()) if rank == r] if L.pp > 1 else [0]
+    m, p, v = L.microbatches, L.pp, L.stages_per_rank
+    if L.pp == 1:
+        return {0: 1}
+    if L.schedule == "gpipe":
+        return {s: m for s in stages}
+    if L.schedule == "1f1b":
+        return {stages[0]: min(m, p - r)}
+    per_round = m // max(1, m // p)
+    forwards = min(m * v, (v - 1) * per_round + 2 * (p - 1 - r) + 1)
+    counts = {s: 0 for s in stages}
+    for k in range(forwards):
+        counts[stages[(k // per_round) % v]] += 1
+    return counts
 
 
 def p2p_bytes(layout: Layout, profile: ModelProfile, stages: list[list[int]], mu: float) -> list[float]:

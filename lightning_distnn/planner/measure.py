@@ -10,11 +10,14 @@ The step time is the median interval between consecutive ``on_train_batch_end`` 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import statistics
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -35,6 +38,102 @@ class StepTimer(pl.Callback):
 
     def intervals(self) -> list[float]:
         return [b - a for a, b in zip(self.ends, self.ends[1:])]
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _libc_mallinfo2():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _libc_mallinfo2()
+
+
+def heap_in_use() -> int:
+    """Bytes the C heap has handed out and not freed (glibc ``mallinfo2``: arenas + mmapped blocks); -1 elsewhere.
+
+    Unlike the resident set this is exact: freed memory the allocator keeps for reuse is not counted.
+    torch's CPU tensors are allocated there, so it is the CPU's ``max_memory_allocated``.
+    """
+    if _MALLINFO2 is None:
+        return -1
+    info = _MALLINFO2()
+    return int(info.uordblks + info.hblkhd)
+
+
+class MemoryProbe(pl.Callback):
+    """Peak heap of one training step, as the cost model's memory ``M`` counts it.
+
+    At ``setup`` (the module built, not yet sharded) it notes the heap minus the module's own
+    parameters and buffers: what the process holds that is not the model. During step
+    ``step_index`` (after the timed steps, so sampling does not slow them) a thread samples
+    :func:`heap_in_use` every ``interval`` seconds, and forward hooks and the loop's hooks sample
+    too. ``peak`` = the highest sample minus that base: parameters, gradients, optimizer states,
+    activations and buffers of this rank, plus whatever the framework allocates in the step.
+    """
+
+    def __init__(self, step_index: int, interval: float = 5e-4) -> None:
+        self.step_index, self.interval = step_index, interval
+        self.base = self.peak = -1
+        self._top = -1
+        self._active = False
+        self._thread: Optional[threading.Thread] = None
+        self._hook = None
+
+    def _sample(self, *_: Any) -> None:
+        if self._active:
+            self._top = max(self._top, heap_in_use())
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if heap_in_use() < 0:
+            return
+        gc.collect()
+        own = sum(t.numel() * t.element_size() for t in list(pl_module.parameters()) + list(pl_module.buffers()))
+        self.base = heap_in_use() - own
+        self._hook = torch.nn.modules.module.register_module_forward_hook(self._sample)
+
+    def _poll(self) -> None:
+        while self._active:
+            self._sample()
+            time.sleep(self.interval)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.base >= 0 and trainer.global_step == self.step_index:
+            self._active = True
+            self._sample()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self._sample()
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self._sample()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._sample()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._active:
+            self._sample()
+            self._active = False
+            self._thread.join()
+            self.peak = self._top - self.base
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self._active = False
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
 
 def _status_kb(field: str) -> int:
@@ -64,13 +163,16 @@ def peak_rss() -> int:
 
 def _measure_rank(rank: int, world_size: int, factory: Callable[..., nn.Sequential], factory_kwargs: dict,
                   sample_shape: Sequence[int], num_classes: int, global_batch: int, layouts: Sequence[Layout],
-                  steps: int, warmup: int, rounds: int, timeout: float) -> dict[str, dict[str, list[float]]]:
+                  steps: int, warmup: int, rounds: int, timeout: float,
+                  trainer_kwargs: Optional[dict] = None) -> dict[str, dict[str, list[float]]]:
+    """One rank of :func:`measure_layouts`; under torchrun call it directly (``trainer_kwargs``: e.g.
+    ``{"devices": 2, "num_nodes": 2}``; default ``devices=world_size``)."""
     from lightning_distnn.models import ImageClassifier
     from lightning_distnn.testing.equivalence import FixedDataModule, quiet_trainer
 
-    out: dict[str, dict[str, list[float]]] = {layout.label: {"steps": [], "peak": []} for layout in layouts}
+    out: dict[str, dict[str, list[float]]] = {layout.label: {"steps": [], "peak": [], "heap": []} for layout in layouts}
     generator = torch.Generator().manual_seed(0)
-    n = global_batch * (steps + warmup)
+    n = global_batch * (steps + warmup + 1)
     x = torch.randn(n, *sample_shape, generator=generator)
     y = torch.randint(0, num_classes, (n,), generator=generator)
     for _ in range(rounds):
@@ -79,11 +181,15 @@ def _measure_rank(rank: int, world_size: int, factory: Callable[..., nn.Sequenti
             module = ImageClassifier(factory(**factory_kwargs), num_classes=num_classes)
             strategy = strategy_for(layout).build(timeout=timeout)
             timer = StepTimer()
-            trainer = quiet_trainer(strategy, devices=world_size, max_steps=steps + warmup, callbacks=[timer])
+            probe = MemoryProbe(step_index=steps + warmup)  # one more step, untimed: its heap is sampled
+            options = {"devices": world_size, **(trainer_kwargs or {})}
+            trainer = quiet_trainer(strategy, max_steps=steps + warmup + 1, callbacks=[timer, probe],
+                                    **options)
             base = reset_peak_rss()
             trainer.fit(module, datamodule=FixedDataModule(x, y, global_batch // layout.dp))
             out[layout.label]["peak"].append(float(peak_rss() - base) if base else float("nan"))
-            out[layout.label]["steps"].extend(timer.intervals()[max(0, warmup - 1):])
+            out[layout.label]["heap"].append(float(probe.peak) if probe.peak >= 0 else float("nan"))
+            out[layout.label]["steps"].extend(timer.intervals()[max(0, warmup - 1):steps + warmup - 1])
     return out
 
 
@@ -103,9 +209,11 @@ def measure_layouts(
 ) -> dict[str, dict[str, Any]]:
     """Train every layout for ``warmup + steps`` steps.
 
-    Returns label -> ``{"step_s": median step seconds, "samples": [...], "peak_rss_bytes": ...}``, the
-    last the largest growth of any rank's resident memory during its ``fit`` (Linux; NaN elsewhere):
-    a rough stand-in for the peak the memory model predicts (it also counts Lightning's own buffers).
+    Returns label -> ``{"step_s": median step seconds, "samples": [...], "peak_heap_bytes": ...,
+    "peak_rss_bytes": ...}``: the largest peak heap of any rank in one more (untimed) step, as
+    :class:`MemoryProbe` counts it (glibc; NaN elsewhere) -- what the memory model ``M`` predicts --
+    and the largest growth of any rank's resident set during ``fit`` (rough: it counts pages the
+    allocator keeps, and misses pages it reuses).
     """
     if not layouts:
         return {}
@@ -121,10 +229,19 @@ def measure_layouts(
     out = {}
     for label, data in results[0].items():
         samples = data["steps"]
-        peaks = [max(r[label]["peak"]) for r in results if r[label]["peak"]]
-        out[label] = {"step_s": statistics.median(samples) if samples else float("nan"), "samples": samples,
-                      "peak_rss_bytes": max(peaks) if peaks else float("nan")}
+        out[label] = summarize_rank_results(results, label)
     return out
+
+
+def summarize_rank_results(results: Sequence[dict], label: str) -> dict[str, Any]:
+    """Rank 0's median step time; the largest memory of any rank (heap peak, and resident-set growth)."""
+    samples = results[0][label]["steps"]
+    peaks = [max(r[label]["peak"]) for r in results if r[label]["peak"]]
+    heaps = [max(r[label]["heap"]) for r in results if r[label]["heap"]]
+    return {"step_s": statistics.median(samples) if samples else float("nan"), "samples": samples,
+            "peak_rss_bytes": max(peaks) if peaks else float("nan"),
+            "peak_heap_bytes": max(heaps) if heaps else float("nan"),
+            "peak_heap_per_rank": [max(r[label]["heap"]) if r[label]["heap"] else float("nan") for r in results]}
 
 
 def fit_calibration(estimates: Sequence[Estimate], measured_s: Sequence[float], *,

@@ -25,7 +25,8 @@ from torch import nn
 from lightning_distnn.planner.cost import Calibration
 from lightning_distnn.planner.links import Network, measure_network
 from lightning_distnn.planner.cache import DEFAULT_CACHE, cache_key, read_cache, write_cache
-from lightning_distnn.planner.profile import ModelProfile, default_microbatch_sizes, merge_profiles, profile_model
+from lightning_distnn.planner.profile import (ModelProfile, default_microbatch_sizes, host_key, merge_profiles,
+                                              profile_model)
 from lightning_distnn.planner.search import Plan, search
 
 
@@ -45,10 +46,26 @@ def save_calibration(cache_dir: Optional[os.PathLike], device: str, world_size: 
                                                                   "fitted_on": calibration.fitted_on})
 
 
+def host_sharing() -> tuple[int, int]:
+    """(ranks on this rank's machine, consecutive ranks per machine or 0 when one machine holds every rank).
+
+    Machines are told apart by :func:`~lightning_distnn.planner.profile.host_key` (host name and boot
+    id), so the nodes of a simulated cluster, which share one machine's cores, count as one machine.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 1, 0
+    keys: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, host_key())
+    mine = keys.count(keys[dist.get_rank()])
+    return mine, (0 if len(set(keys)) == 1 else keys.count(keys[0]))
+
+
 def _profile_here(net, example_input, *, sizes, world_size, repeats, measure_links, ranks_per_node):
     """Profile (and measure links) in the current process group, every rank at once; same result on all ranks."""
+    sharing, per_host = host_sharing()
     here = profile_model(net, example_input, microbatch_sizes=sizes, world_size=world_size, repeats=repeats,
-                         profiled_in=dist.get_world_size() if dist.is_initialized() else 1)
+                         profiled_in=dist.get_world_size() if dist.is_initialized() else 1,
+                         profiled_sharing=sharing, ranks_per_host=per_host)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return here, Network.assumed()
     parts: list[Any] = [None] * dist.get_world_size()

@@ -20,15 +20,18 @@ contended ones the run will see.
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 3
 
 
 @dataclass
@@ -74,6 +77,7 @@ class LayerProfile:
     saved_bytes: int
     leaves: list[Leaf] = field(default_factory=list)
     tp: dict[int, "TPCost"] = field(default_factory=dict)
+    leaf_saved: list[int] = field(default_factory=list)  # saved bytes per sample of each leaf (a storage counts once)
 
     def time(self, kind: str, batch: float) -> float:
         """Seconds of ``kind`` ("forward" or "backward") at micro-batch ``batch``, piecewise linear in it."""
@@ -102,6 +106,27 @@ class ModelProfile:
     world_size: int = 1
     signature: str = ""
     profiled_in: int = 1  # processes that profiled at the same time
+    # CPU sharing (the cost model's oversubscription term; see cost.py): cores this process may run on
+    # (os.sched_getaffinity; 0 = not a shared CPU, e.g. a GPU: no term), torch's intra-op threads per
+    # process, how many of the profiling processes shared those cores, and consecutive ranks per host
+    # (0 = every rank of the run on one host, as on one machine or a simulated cluster).
+    cores: int = 0
+    threads: int = 1
+    profiled_sharing: int = 1
+    ranks_per_host: int = 0
+
+    @property
+    def rank_slots(self) -> float:
+        """How many ranks a host runs at full speed at once: cores / cores one rank uses (0: no sharing model)."""
+        if self.cores <= 0:
+            return 0.0
+        return self.cores / max(1, min(self.threads, self.cores))
+
+    @property
+    def profile_slowdown(self) -> float:
+        """How much slower the layers ran while profiling than on a core of their own (>= 1)."""
+        slots = self.rank_slots
+        return max(1.0, self.profiled_sharing / slots) if slots else 1.0
 
     @property
     def num_layers(self) -> int:
@@ -194,24 +219,39 @@ def _leaf_sizes(net: nn.Sequential, sample: torch.Tensor) -> list[Leaf]:
     return sizes
 
 
-def _saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for the backward of ``layer`` on input ``x`` (parameters excluded)."""
+def _saved_bytes(layer: nn.Module, x: torch.Tensor) -> tuple[int, list[int]]:
+    """Bytes autograd keeps for the backward of ``layer`` on input ``x`` (parameters excluded), in all and per leaf.
+
+    A storage saved by several leaves (a ReLU's output that the next pooling saves as its input)
+    counts once, for the first leaf that saves it.
+    """
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     seen: set[tuple[int, int]] = set()
-    total = 0
+    leaves = [leaf for _, leaf in _leaves(layer)]
+    per_leaf = [0] * len(leaves)
+    current = [0]
 
     def pack(t: torch.Tensor):
-        nonlocal total
         ptr = t.untyped_storage().data_ptr()
         key = (ptr, t.untyped_storage().nbytes())
         if ptr not in params and key not in seen:
             seen.add(key)
-            total += t.untyped_storage().nbytes()
+            per_leaf[current[0]] += t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
-    return total
+    def enter(index):
+        def hook(module, inputs):
+            current[0] = index
+        return hook
+
+    hooks = [leaf.register_forward_pre_hook(enter(i)) for i, leaf in enumerate(leaves)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(per_leaf), per_leaf
 
 
 def default_microbatch_sizes(max_batch: int, *, cap: int = 16) -> list[int]:
@@ -234,6 +274,8 @@ def profile_model(
     warmup: int = 1,
     world_size: int = 1,
     profiled_in: int = 1,
+    profiled_sharing: Optional[int] = None,
+    ranks_per_host: int = 0,
     tp_degrees: Optional[Sequence[int]] = None,
 ) -> ModelProfile:
     """Measure a :class:`ModelProfile` of ``net`` on the device its parameters live on.
@@ -242,6 +284,8 @@ def profile_model(
     Each layer is timed on the activation shape it really sees, forward and backward separately;
     the first layer's backward does not compute an input gradient (training does not either).
     ``tp_degrees``: tensor-parallel degrees to count (default: the divisors of ``world_size`` above 1).
+    ``profiled_sharing``: processes profiling on this host's cores at the same time (default
+    ``profiled_in``); ``ranks_per_host``: consecutive ranks per host in the run (0: all on one host).
     """
     if tp_degrees is None:
         tp_degrees = [d for d in range(2, world_size + 1) if world_size % d == 0]
@@ -287,7 +331,8 @@ def profile_model(
                 fwd[b], bwd[b] = statistics.median(f_samples), statistics.median(b_samples)
                 outputs[b] = out.detach()
             top = sizes[-1]
-            saved = _saved_bytes(block, inputs[top].detach().requires_grad_(index > 0)) // top
+            saved, leaf_saved = _saved_bytes(block, inputs[top].detach().requires_grad_(index > 0))
+            saved //= top
             layers.append(
                 LayerProfile(
                     index=index,
@@ -298,12 +343,13 @@ def profile_model(
                     out_bytes=outputs[top][0].numel() * outputs[top].element_size(),
                     saved_bytes=int(saved),
                     leaves=by_layer.get(name, []),
+                    leaf_saved=[b // top for b in leaf_saved],
                 )
             )
             inputs = outputs
         optimizer_s = _optimizer_step_seconds(net, repeats=repeats)
         for degree in tp_degrees:
-            for layer, cost in zip(layers, tp_costs(net, degree, leaves)):
+            for layer, cost in zip(layers, tp_costs(net, degree, leaves, sample)):
                 layer.tp[degree] = cost
     finally:
         net.zero_grad(set_to_none=True)
@@ -318,16 +364,56 @@ def profile_model(
         world_size=world_size,
         signature=model_signature(net, example_input, device=device, world_size=world_size),
         profiled_in=profiled_in,
+        cores=available_cores() if device.type == "cpu" else 0,
+        threads=torch.get_num_threads(),
+        profiled_sharing=profiled_sharing if profiled_sharing is not None else profiled_in,
+        ranks_per_host=ranks_per_host,
     )
 
 
-def tp_costs(net: nn.Sequential, tp: int, leaves: Sequence[Leaf]) -> list[TPCost]:
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity; ``os.cpu_count()`` where affinity is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def host_key() -> str:
+    """Identifies the machine (not the network namespace): processes with equal keys share its cores."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}|{boot}"
+
+
+def _module_sizes(net: nn.Module, sample: torch.Tensor, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Input/output elements per sample of the named modules, from one forward of one sample."""
+    modules = dict(net.named_modules())
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = [modules[name].register_forward_hook(
+        lambda mod, inputs, output, name=name: sizes.__setitem__(name, (int(inputs[0].numel()), int(output.numel()))))
+        for name in names]
+    try:
+        with torch.no_grad():
+            net(sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def tp_costs(net: nn.Sequential, tp: int, leaves: Sequence[Leaf], sample: Optional[torch.Tensor] = None) -> list[TPCost]:
     """Per top-level layer, what the automatic tensor-parallel plan of degree ``tp`` costs (see :class:`TPCost`)."""
     from lightning_distnn.parallel.tensor import REPLICATE, comm_bytes, plan_tp
 
     plan = plan_tp(net, tp)
     sizes = {leaf.name: (leaf.in_numel, leaf.out_numel) for leaf in leaves}
-    modules = dict(_leaves(net))
+    modules = dict(net.named_modules())
+    missing = [e.name for e in plan.entries if e.name not in sizes and e.name in modules]
+    if missing and sample is not None:  # sharded modules inside a block (a residual block's convolutions)
+        sizes.update(_module_sizes(net, sample, missing))
     out: list[TPCost] = []
     first = True
     for index, (name, block) in enumerate(net.named_children()):
@@ -403,7 +489,7 @@ def merge_profiles(profiles: Sequence[ModelProfile]) -> ModelProfile:
         fwd = {b: statistics.median(p.layers[i].forward_s[b] for p in profiles) for b in layer.forward_s}
         bwd = {b: statistics.median(p.layers[i].backward_s[b] for p in profiles) for b in layer.backward_s}
         layers.append(LayerProfile(**{**asdict(layer), "forward_s": fwd, "backward_s": bwd, "leaves": layer.leaves,
-                                      "tp": layer.tp}))
+                                      "tp": layer.tp, "leaf_saved": list(layer.leaf_saved)}))
     opt = statistics.median(p.optimizer_s_per_param for p in profiles)
     return ModelProfile(**{**asdict(first), "layers": layers, "optimizer_s_per_param": opt,
                            "profiled_in": len(profiles)})
