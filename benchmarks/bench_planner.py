@@ -131,8 +131,7 @@ def worker(path: str) -> int:
     """One rank of a simulated-cluster scenario (run by torchrun on every node): plan in the processes, then measure."""
     import torch.distributed as dist
 
-    from lightning_distnn.planner.cost import Layout
-    from lightning_distnn.planner.measure import _measure_rank, summarize_rank_results
+    from lightning_distnn.planner.measure import measure_layouts_in_group
 
     job = json.load(open(path))
     sc = Scenario(**job["scenario"])
@@ -146,17 +145,12 @@ def worker(path: str) -> int:
                        global_batch=sc.global_batch, cache_dir=None, repeats=job["repeats"], ranks_per_node=per_node,
                        calibration=Calibration(**job["calibration"]), max_microbatches=job["max_microbatches"])
     chosen = candidates(plan, job["top"])
-    dist.barrier()  # every rank done with the planning group before Lightning makes its own
-    dist.destroy_process_group()
-    mine = _measure_rank(rank, sc.world, build_network, fk, (3, sc.image_size, sc.image_size), 10, sc.global_batch,
-                         [e.layout for e in chosen], job["steps"], 1, job["rounds"], 300.0,
-                         trainer_kwargs={"devices": per_node, "num_nodes": sc.nodes})
-    if not dist.is_initialized():  # Lightning keeps its process group after fit
-        dist.init_process_group("gloo")
-    everyone: list = [None] * sc.world
-    dist.all_gather_object(everyone, mine)
+    # Lightning trains on this same group: under torchrun a destroyed and re-made default group reads the old
+    # one's addresses from the launcher's store and node 1 cannot connect (measure_layouts_in_group says why)
+    measured = measure_layouts_in_group([e.layout for e in chosen], build_network, fk,
+                                        (3, sc.image_size, sc.image_size), global_batch=sc.global_batch,
+                                        steps=job["steps"], rounds=job["rounds"])
     if rank == 0:
-        measured = {e.layout.label: summarize_rank_results(everyone, e.layout.label) for e in chosen}
         with open(job["out"], "w") as f:
             json.dump({"profile": plan.profile.to_dict(), "network": plan.network.to_dict(),
                        "layouts": [asdict(e.layout) for e in chosen], "measured": measured}, f)

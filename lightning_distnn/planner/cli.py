@@ -19,9 +19,12 @@ beside predicted. A model that fits no layout exits with status 2 and says which
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
+import os
 import re
 import sys
+from datetime import timedelta
 from typing import Any, Optional, Sequence
 
 import torch
@@ -117,8 +120,51 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def launched_world() -> Optional[tuple[int, int]]:
+    """(world size, processes per node) when torchrun (or another launcher setting ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``) started this process in a job of several processes, else ``None``."""
+    env = os.environ
+    if not all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")):
+        return None
+    world, local = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
+    return (world, local) if world > 1 else None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = make_parser().parse_args(argv)
+    launched = launched_world()
+    if launched is None:
+        return _main(args, None)
+    import torch.distributed as dist
+
+    world, local = launched
+    if args.world_size != world:
+        print(f"distnn-plan: --world-size {args.world_size} but the launcher started {world} processes "
+              f"(WORLD_SIZE={world}): under torchrun plan for the job's own processes, --world-size {world}.",
+              file=sys.stderr)
+        return 2
+    if args.ranks_per_node and args.ranks_per_node != local:
+        print(f"distnn-plan: --ranks-per-node {args.ranks_per_node} but torchrun runs {local} per node "
+              f"(LOCAL_WORLD_SIZE); drop --ranks-per-node or make them agree.", file=sys.stderr)
+        return 2
+    # one process group for the whole run: profiling, links and Lightning's training all use it (a second
+    # default group on torchrun's store would read this one's stale addresses: see measure_layouts_in_group)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+    try:
+        return _main(args, launched)
+    finally:
+        dist.destroy_process_group()
+
+
+def _main(args: argparse.Namespace, launched: Optional[tuple[int, int]]) -> int:
+    """``distnn-plan`` in one process (spawning ``--processes``), or in every rank of a torchrun job
+    (``launched`` = (world, per node): the job's processes profile, measure links and train; rank 0 prints)."""
+    rank = int(os.environ.get("RANK", 0)) if launched else 0
+
+    def print(*values: Any, **kwargs: Any) -> None:  # noqa: A001  (rank 0 alone speaks)
+        if rank == 0:
+            builtins.print(*values, **kwargs)
+
     if args.world_size < 1 or args.global_batch < 1:
         print(f"distnn-plan: --world-size {args.world_size} and --global-batch {args.global_batch} must be positive.",
               file=sys.stderr)
@@ -147,7 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plan = plan_layout(
             net, torch.randn(1, *shape), world_size=args.world_size, global_batch=args.global_batch,
             max_memory_per_rank=args.max_memory_per_rank, optimizer_states=args.optimizer_states,
-            network=Network.assumed() if args.links == "assumed" else None, ranks_per_node=args.ranks_per_node,
+            network=Network.assumed() if args.links == "assumed" else None,
+            ranks_per_node=args.ranks_per_node or (launched[1] if launched and launched[1] < launched[0] else 0),
             repeats=args.repeats, cache_dir=None if args.no_cache else args.cache_dir,
             processes=processes if processes > 1 else None, factory=build_network, factory_kwargs=factory_kwargs,
             **options,
@@ -170,12 +217,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         chosen = [e.layout for e in plan.ranked[: args.measure]]
         if current is not None and current.layout not in chosen:
             chosen.append(current.layout)
-        measured = measure_layouts(chosen, build_network, factory_kwargs, shape, global_batch=args.global_batch,
-                                   num_classes=args.classes, steps=args.steps, rounds=args.rounds)
+        if launched:
+            from lightning_distnn.planner.measure import measure_layouts_in_group
+
+            measured = measure_layouts_in_group(chosen, build_network, factory_kwargs, shape, global_batch=args.global_batch,
+                                                num_classes=args.classes, steps=args.steps, rounds=args.rounds)
+        else:
+            measured = measure_layouts(chosen, build_network, factory_kwargs, shape, global_batch=args.global_batch,
+                                       num_classes=args.classes, steps=args.steps, rounds=args.rounds)
         estimates = _estimates(plan, current)
         labels = [label for label in measured if label in estimates]
         calibration = fit_calibration([estimates[k] for k in labels], [measured[k]["step_s"] for k in labels])
-        if not args.no_cache:
+        if not args.no_cache and rank == 0:
             save_calibration(args.cache_dir, plan.profile.device, args.world_size, calibration)
         calibrated = search(plan.profile, plan.network, world_size=args.world_size, global_batch=args.global_batch,
                             max_memory_per_rank=args.max_memory_per_rank, optimizer_states=args.optimizer_states,

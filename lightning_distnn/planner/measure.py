@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
 import statistics
 import threading
 import time
@@ -231,6 +232,45 @@ def measure_layouts(
         samples = data["steps"]
         out[label] = summarize_rank_results(results, label)
     return out
+
+
+def measure_layouts_in_group(
+    layouts: Sequence[Layout],
+    factory: Callable[..., nn.Sequential],
+    factory_kwargs: dict,
+    sample_shape: Sequence[int],
+    *,
+    global_batch: int,
+    num_classes: int = 10,
+    steps: int = 3,
+    warmup: int = 1,
+    rounds: int = 1,
+    collective_timeout: float = 300.0,
+) -> dict[str, dict[str, Any]]:
+    """:func:`measure_layouts` in the processes of a running job (under torchrun: every rank calls it at once).
+
+    Lightning trains on the process group that is already initialised (``devices`` = the ranks of this
+    node, ``LOCAL_WORLD_SIZE``; ``num_nodes`` = world size / that) and the group is kept, never destroyed
+    and made again: under torchrun every default group registers its address under the same key of the
+    launcher's store, so a second one would read the first one's stale addresses and connect to closed
+    ports ("connectFullMesh ... Connection refused" across nodes). Every rank gets the summaries.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("measure_layouts_in_group needs an initialised process group (run it under torchrun); "
+                         "outside one use measure_layouts, which spawns its own processes.")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if per_node < 1 or world % per_node:
+        raise ValueError(f"LOCAL_WORLD_SIZE={per_node} does not divide the world size {world}: launch the same "
+                         "--nproc-per-node on every node.")
+    mine = _measure_rank(rank, world, factory, factory_kwargs, tuple(sample_shape), num_classes, global_batch,
+                         list(layouts), steps, warmup, rounds, collective_timeout,
+                         trainer_kwargs={"devices": per_node, "num_nodes": world // per_node})
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return {layout.label: summarize_rank_results(everyone, layout.label) for layout in layouts}
 
 
 def summarize_rank_results(results: Sequence[dict], label: str) -> dict[str, Any]:
