@@ -191,7 +191,8 @@ def cross_node_weights(cluster, tmp_path_factory):
     job = [sys.executable, "-m", "lightning_distnn.testing.cluster_job", "--out", str(out)]
     before = cluster.traffic()
     cluster.run(job + ONE_PER_NODE, procs_per_node=1, timeout=240)
-    cluster.run(job + TWO_PER_NODE, procs_per_node=2, timeout=200)
+    # then distnn-plan in the same 2 x 2 job, in the group Lightning left (issue 12: node 1 could not connect)
+    cluster.run(job + TWO_PER_NODE + ["plan"], procs_per_node=2, timeout=260)
     after = cluster.traffic()
     sent = [a["tx_bytes"] - b["tx_bytes"] for a, b in zip(after, before)]
     return out, sent
@@ -229,6 +230,21 @@ def test_strategy_across_two_nodes_matches_one_process(cross_node_weights, case)
     if case == "hybrid":  # dp runs across the nodes, pp inside each node
         coords = [r["coords"] for r in records]
         assert [c["dp"] for c in coords] == [0, 0, 1, 1] and [c["pp"] for c in coords] == [0, 1, 0, 1]
+
+
+@needs_namespaces
+@pytest.mark.slow
+def test_distnn_plan_under_torchrun_on_two_nodes_of_two(cross_node_weights):
+    """distnn-plan in a 2 nodes x 2 processes torchrun job measures both links and trains its pick there."""
+    import json
+
+    out, _ = cross_node_weights
+    plan = json.loads((out / "plan.json").read_text())
+    network = plan["network"]
+    assert plan["world_size"] == 4 and network["measured"] and network["ranks_per_node"] == 2, network
+    assert network["inter"] is not None and network["inter"]["bandwidth"] > 0, network
+    assert list(plan["measured"]) == [plan["ranked"][0]["layout"]], plan["measured"]  # --measure 1: the best
+    assert all(0 < m["step_s"] < 60 for m in plan["measured"].values()), plan["measured"]
 
 
 def test_link_benchmark_ratios_are_per_seed_against_dense_of_the_same_job(tmp_path):

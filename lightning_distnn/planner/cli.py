@@ -148,12 +148,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"(LOCAL_WORLD_SIZE); drop --ranks-per-node or make them agree.", file=sys.stderr)
         return 2
     # one process group for the whole run: profiling, links and Lightning's training all use it (a second
-    # default group on torchrun's store would read this one's stale addresses: see measure_layouts_in_group)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+    # default group on torchrun's store would read this one's stale addresses: see measure_layouts_in_group);
+    # called inside a job whose group exists (e.g. after a Trainer's fit), that group is used and kept
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=600))
     try:
         return _main(args, launched)
     finally:
-        dist.destroy_process_group()
+        if owned:
+            dist.destroy_process_group()
 
 
 def _main(args: argparse.Namespace, launched: Optional[tuple[int, int]]) -> int:

@@ -4,11 +4,13 @@ write each rank's final weights, for a test to compare with one process.
 Run by torchrun on every node (``lightning_distnn.testing.cluster`` does that)::
 
     distnn-cluster --nodes 2 --procs-per-node 1 -- python -m lightning_distnn.testing.cluster_job --out /tmp/w dp ps local_sgd pipeline tp
-    distnn-cluster --nodes 2 --procs-per-node 2 -- python -m lightning_distnn.testing.cluster_job --out /tmp/w hybrid
+    distnn-cluster --nodes 2 --procs-per-node 2 -- python -m lightning_distnn.testing.cluster_job --out /tmp/w hybrid plan
 
 Writes ``<out>/<case>.rank<r>.pt`` = {"state": this rank's weights (DTensors gathered, a pipeline
 stage holds only its layers), "rank", "node", "coords" (dp/pp/tp coordinates), "world"}. The cases
-and their single-process references are in :data:`CASES` and :func:`reference`.
+and their single-process references are in :data:`CASES` and :func:`reference`. The case ``plan``
+runs ``distnn-plan`` (:data:`PLAN_ARGS`, ``--measure 1``) in the same job, in the process group the
+cases before it left (as a user's script would), and rank 0 writes its JSON to ``<out>/plan.json``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,28 @@ CASES: dict[str, tuple[str, dict, bool, int]] = {
     # and dp runs across the nodes
     "hybrid": ("HybridStrategy", {"dp": 2, "pp": 2, "tp": 1, "microbatches": 2, "partition": "uniform"}, False, 2),
 }
+
+
+# distnn-plan in the job: a tiny network, one measured layout, one measured step
+PLAN_ARGS = ["--global-batch", "16", "--conv-layers", "2", "--conv-filters", "4", "--fc-layers", "1",
+             "--fc-width", "16", "--image-size", "8", "--repeats", "1", "--no-cache", "--max-microbatches", "4",
+             "--measure", "1", "--steps", "1", "--json"]
+
+
+def run_plan(out: Path) -> None:
+    """``distnn-plan`` under this torchrun job, as a user runs it on a real cluster; rank 0 keeps its JSON."""
+    import contextlib
+    import io
+
+    from lightning_distnn.planner.cli import main as plan_main
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        code = plan_main(["--world-size", os.environ["WORLD_SIZE"], *PLAN_ARGS])
+    if code != 0:
+        raise RuntimeError(f"distnn-plan exited with {code}: {text.getvalue()[-2000:]}")
+    if int(os.environ["RANK"]) == 0:
+        (out / "plan.json").write_text(text.getvalue())
 
 
 def make_module(plain_sgd: bool):
@@ -107,7 +131,7 @@ def run_case(case: str, out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory for <case>.rank<r>.pt")
-    p.add_argument("cases", nargs="+", choices=list(CASES))
+    p.add_argument("cases", nargs="+", choices=[*CASES, "plan"])
     args = p.parse_args()
     torch.set_num_threads(1)
     import lightning_distnn  # noqa: F401  (registers the strategies)
@@ -115,7 +139,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for case in args.cases:
-        run_case(case, out)
+        if case == "plan":
+            run_plan(out)
+        else:
+            run_case(case, out)
 
 
 if __name__ == "__main__":
