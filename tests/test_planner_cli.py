@@ -1,6 +1,7 @@
 """``distnn-plan``: the ranked table, JSON, a model that fits no layout, and measuring on 2 processes; link probes."""
 
 import json
+import re
 
 import pytest
 
@@ -97,3 +98,17 @@ def test_plan_inside_the_training_processes_is_the_same_on_every_rank(tmp_path):
     assert kw0 == kw1 and step0 == step1
     assert procs == 2 and measured  # profiled by both ranks at once, links measured on the real group
     assert "cache" in note0 and "cache" in note1
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--world-size", "2"], r"--world-size 2 but the launcher started 4 processes \(WORLD_SIZE=4\).*--world-size 4"),
+    (["--world-size", "4", "--ranks-per-node", "1"], r"--ranks-per-node 1 but torchrun runs 2 per node"),
+])
+def test_cli_under_torchrun_refuses_a_world_that_is_not_the_jobs(monkeypatch, capsys, argv, match):
+    """Under torchrun the job's processes are the world: a different one is refused before any group is made."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2"), monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    assert main([*argv, "--global-batch", "8", "--no-cache"]) == 2
+    assert re.search(match, capsys.readouterr().err) and not dist.is_initialized()
