@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_distnn.planner.cost import Calibration, Estimate, Layout, actions
+from lightning_distnn.planner.cost import Calibration, Estimate, Layout
 from lightning_distnn.planner.search import strategy_for
 
 
@@ -229,7 +229,6 @@ def measure_layouts(
                               global_batch, list(layouts), steps, warmup, rounds, collective_timeout, timeout=timeout)
     out = {}
     for label, data in results[0].items():
-        samples = data["steps"]
         out[label] = summarize_rank_results(results, label)
     return out
 
