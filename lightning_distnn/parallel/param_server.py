@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Iterable, Optional, Sequence
@@ -358,6 +359,25 @@ class ParameterServerGroup:
                     offset += p.numel()
         for work in sends:
             self._wait(work, "send to", None)
+
+    def wait_for_updates(self, count: int) -> None:
+        """Block until this rank's server has applied ``count`` updates (a dedicated server rank, sync mode).
+
+        A dedicated server rank's main thread walks Lightning's loop without computing; waiting here keeps
+        it at the step its server is applying, so the hyper-parameters it reads for that update (an LR
+        scheduler steps this rank's optimizer too) are those of the same step, as on the workers.
+        """
+        if self.server is None:
+            return
+        deadline = time.monotonic() + self.timeout
+        while self.server.updates < count:
+            self._check_server()
+            if self.closed or time.monotonic() > deadline:
+                raise PeerFailure(
+                    f"parameter server rank {self.rank}: update {count} not applied within {self.timeout:.0f} s; "
+                    "a worker hangs or died (see the other ranks' errors)."
+                )
+            time.sleep(0.0005)
 
     def _pull(self, server: int) -> torch.Tensor:
         if server == self.rank:

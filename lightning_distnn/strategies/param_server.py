@@ -72,6 +72,7 @@ class ParameterServerStrategy(DataParallelBase):
         self.ps_mode, self.max_staleness = ps_mode, max_staleness
         self.num_servers, self.colocated = num_servers, bool(colocated)
         self._ps: Optional[ParameterServerGroup] = None
+        self._server_steps = 0  # a dedicated server rank's optimizer steps in this fit
 
     @classmethod
     def register_strategies(cls, strategy_registry) -> None:
@@ -129,6 +130,7 @@ class ParameterServerStrategy(DataParallelBase):
                 f"{len(self.optimizers)}: the servers apply it to their shards."
             )
         plan = plan_shards(module.named_parameters(), servers=servers, workers=workers)
+        self._server_steps = 0
         self._ps = ParameterServerGroup(
             module,
             plan,
@@ -178,6 +180,9 @@ class ParameterServerStrategy(DataParallelBase):
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
         if self._ps is not None and not self._ps.is_worker:
             out = closure()  # a dedicated server rank: no gradients, nothing to push
+            if self.ps_mode == "sync":  # stay at the step the server applies (its LR schedule is read here)
+                self._server_steps += 1
+                self._ps.wait_for_updates(self._server_steps)
         elif self._ps is not None:
             model = model or self.lightning_module
             out = self.precision_plugin.optimizer_step(_PushPull(optimizer, self._ps), model=model, closure=closure, **kwargs)
