@@ -202,21 +202,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _leaf_sizes(net: nn.Sequential, sample: torch.Tensor) -> list[Leaf]:
-    """Input/output elements per sample of every leaf, from one forward of one sample."""
-    sizes: list[Leaf] = []
-    hooks = []
-    for name, leaf in _leaves(net):
-        def hook(module, inputs, output, name=name):
-            sizes.append(Leaf(name, type(module).__name__, int(inputs[0].numel()), int(output.numel())))
-
-        hooks.append(leaf.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            net(sample)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sizes
+    """Input/output elements per sample of every leaf (in execution order), from one forward of one sample."""
+    leaves = _leaves(net)
+    sizes = _module_sizes(net, sample, [name for name, _ in leaves])
+    return [Leaf(name, type(leaf).__name__, *sizes[name]) for name, leaf in leaves if name in sizes]
 
 
 def _saved_bytes(layer: nn.Module, x: torch.Tensor) -> tuple[int, list[int]]:
