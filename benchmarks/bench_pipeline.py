@@ -50,8 +50,25 @@ from lightning_distnn.testing import run_distributed  # noqa: E402
 from lightning_distnn.testing.equivalence import FixedDataModule, digits_tensors, quiet_trainer  # noqa: E402
 
 
+MODEL = "cnn"  # set from --model in every process (run_distributed passes args)
+
+
+def equal_blocks(width: int, blocks: int = 8) -> torch.nn.Sequential:
+    """``blocks`` layers of equal cost on 16 px images: Linear(width, width) + ReLU each, the first with the
+    flattening projection (3x16x16 = 768 inputs) and the last with the 10-class head. A balanced partition
+    of it has equal stages, the case the textbook bubble (p-1)/(m+p-1) assumes."""
+    from torch import nn
+
+    layers = [nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, width), nn.ReLU())]
+    layers += [nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(blocks - 2)]
+    layers += [nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))]
+    return nn.Sequential(*layers)
+
+
 def make_module(width: int) -> ImageClassifier:
     torch.manual_seed(0)
+    if MODEL == "equal":
+        return ImageClassifier(equal_blocks(width))
     return ImageClassifier(CaseStudyCNN(conv_filters=width, fc_width=4 * width, image_size=16))
 
 
@@ -79,7 +96,7 @@ def strategy_run(world, schedule, micro, partition, steps, batch, width, x, y, o
     trainer.fit(module, datamodule=FixedDataModule(x, y, batch))
     records = strategy.gather_timeline()
     bubbles = [None] * world
-    dist.all_gather_object(bubbles, strategy.pipeline_bubble())
+    dist.all_gather_object(bubbles, strategy.pipeline_bubble(structural=True))
     parts = [None] * world
     breakdown = getattr(strategy.pipeline, "breakdown", None)  # absent before issue 15
     dist.all_gather_object(parts, breakdown() if breakdown else {})
@@ -87,6 +104,7 @@ def strategy_run(world, schedule, micro, partition, steps, batch, width, x, y, o
     return {
         "step_s": timer.elapsed / max(timer.steps, 1),
         "bubble": statistics.mean(b["measured"] for b in bubbles),
+        "structural": statistics.mean(b["structural"] for b in bubbles),
         "theory": bubbles[0]["theory"],
         "parts": {k: statistics.mean(p.get(k, float("nan")) for p in parts) for k in parts[0]},
         "micro_compute_s": statistics.mean(p.get("compute", float("nan")) for p in parts) / (micro * per_rank),
@@ -129,6 +147,38 @@ def raw_run(rank, world, schedule, micro, counts, steps, batch, width, x, y):
     return sum(times) / len(times)
 
 
+def raw_ddp_run(world, steps, batch, width, x, y):
+    """The data-parallel twin of the raw loop: DistributedDataParallel + SGD, no Lightning, ``batch`` per rank."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    module = make_module(width)
+    ddp = DistributedDataParallel(module.net)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(dist.get_rank()))
+    times = []
+    for step in range(steps + 2):
+        sl = order[(step * batch) % len(x):][:batch]
+        start = time.perf_counter()
+        opt.zero_grad()
+        module.loss_fn(ddp(x[sl]), y[sl]).backward()
+        opt.step()
+        dist.barrier()
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+    return sum(times) / len(times)
+
+
+def lightning_ddp_run(world, steps, batch, width, x, y):
+    """The same data-parallel step through Lightning's own DDPStrategy: its loop's tax over :func:`raw_ddp_run`."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    module = make_module(width)
+    timer = StepTimer(warmup=2)
+    trainer = quiet_trainer(DDPStrategy(process_group_backend="gloo"), world, steps + 2, callbacks=[timer])
+    trainer.fit(module, datamodule=FixedDataModule(x, y, batch))
+    return timer.elapsed / max(timer.steps, 1)
+
+
 def mainjob(world, args):
     from lightning_distnn.strategies import DataParallelStrategy
 
@@ -158,6 +208,8 @@ def mainjob(world, args):
 
 
 def body(rank, world, args):
+    global MODEL
+    MODEL = args.model
     x, y = digits_tensors(args.batch * 8, image_size=16)
     out = {"overhead": [], "bubble": {}, "partition": {}}
     only = set(args.only.split(","))
@@ -166,10 +218,14 @@ def body(rank, world, args):
         out["link"] = {"latency_s": link.latency_s, "bandwidth_Bps": link.bandwidth_Bps}
     # (a) overhead: raw loop vs strategy, interleaved
     for _ in range(args.repeats if "overhead" in only else 0):
-        for kind in ("raw", "strategy", "strategy_no_overlap"):
+        for kind in ("raw", "strategy", "strategy_no_overlap", "raw_ddp", "lightning_ddp"):
             if kind == "raw":
                 counts = uniform(8, world).counts
                 t = raw_run(rank, world, "1f1b", args.micro, counts, args.steps, args.batch, args.width, x, y)
+            elif kind == "raw_ddp":
+                t = raw_ddp_run(world, args.steps, args.batch // world, args.width, x, y)
+            elif kind == "lightning_ddp":
+                t = lightning_ddp_run(world, args.steps, args.batch // world, args.width, x, y)
             else:
                 t = strategy_run(world, "1f1b", args.micro, "uniform", args.steps, args.batch, args.width, x, y,
                                  overlap=kind == "strategy")["step_s"]
@@ -182,7 +238,7 @@ def body(rank, world, args):
                 r = strategy_run(world, schedule, micro, args.partition, args.steps, args.batch, args.width, x, y,
                                  overlap=overlap)
                 out["bubble"][(schedule, micro, overlap)] = {
-                    k: r[k] for k in ("step_s", "bubble", "theory", "bytes", "parts", "micro_compute_s")
+                    k: r[k] for k in ("step_s", "bubble", "structural", "theory", "bytes", "parts", "micro_compute_s")
                 }
                 if schedule == "1f1b" and micro == args.micro:
                     out["records"] = r["records"]
@@ -212,7 +268,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--micro", type=int, default=4)
-    parser.add_argument("--width", type=int, default=16, help="conv filters (FC width = 4x)")
+    parser.add_argument("--width", type=int, default=16, help="conv filters (FC width = 4x); units per layer of --model equal")
+    parser.add_argument("--model", default="cnn", choices=("cnn", "equal"),
+                        help="cnn: CaseStudyCNN (layers of unequal cost); equal: 8 Linear layers of equal cost (equal_blocks)")
     parser.add_argument("--gantt", default=None, help="PNG path for the 1F1B Gantt chart")
     parser.add_argument("--only", default="link,overhead,bubble,partition,mainjob",
                         help="parts to run (comma-separated)")
@@ -229,12 +287,13 @@ def main() -> None:
     raw = [t for k, t in res["overhead"] if k == "raw"]
     ours = [t for k, t in res["overhead"] if k == "strategy"]
     plain = [t for k, t in res["overhead"] if k == "strategy_no_overlap"]
+    ddp = ([t for k, t in res["overhead"] if k == "raw_ddp"], [t for k, t in res["overhead"] if k == "lightning_ddp"])
     if "link" in res:
         link = res["link"]
         print(f"\np2p link (gloo, 2 processes): latency {1e6 * link['latency_s']:.1f} us per message (one way), "
               f"bandwidth {link['bandwidth_Bps'] / 1e6:.0f} MB/s")
     if raw and ours:
-        _print_overhead(args, raw, ours, plain)
+        _print_overhead(args, raw, ours, plain, ddp)
     if res["bubble"]:
         _print_bubble(args, res)
     if res["partition"]:
@@ -251,7 +310,7 @@ def main() -> None:
         print(f"\nGantt chart written to {args.gantt}")
 
 
-def _print_overhead(args, raw, ours, plain):
+def _print_overhead(args, raw, ours, plain, ddp=((), ())):
     print(f"\n(a) overhead, 1F1B, pp=2, m={args.micro}, batch {args.batch}, CaseStudyCNN width {args.width}, "
           f"{args.repeats} interleaved repeats of {args.steps} steps\n")
     print(format_table([
@@ -263,19 +322,36 @@ def _print_overhead(args, raw, ours, plain):
     ]))
     print("per repeat (ms), raw / strategy / overlap=False: " + "; ".join(
         f"{1e3 * a:.1f} / {1e3 * b:.1f} / {1e3 * c:.1f}" for a, b, c in zip(raw, ours, plain)))
+    raw_ddp, lightning_ddp = ddp
+    if raw_ddp and lightning_ddp:
+        # Lightning's own loop (hooks, DataLoader, training_step, optimizer closure) over a bare loop, measured on
+        # its own DDPStrategy with the same model (batch split over the 2 replicas): the tax any strategy pays
+        ddp_tax = statistics.median(lightning_ddp) - statistics.median(raw_ddp)
+        pipe_tax = statistics.median(ours) - statistics.median(raw)
+        print(f"\nLightning's loop tax, measured on its DDPStrategy against a raw DistributedDataParallel loop "
+              f"(batch {args.batch // 2} per replica): {1e3 * statistics.median(lightning_ddp):.2f} - "
+              f"{1e3 * statistics.median(raw_ddp):.2f} = {1e3 * ddp_tax:.2f} ms per step "
+              f"(ratio {statistics.median(lightning_ddp) / statistics.median(raw_ddp):.3f}); "
+              f"PipelineStrategy's tax over the raw pipeline loop: {1e3 * pipe_tax:.2f} ms; "
+              f"beyond Lightning's own: {1e3 * (pipe_tax - ddp_tax):.2f} ms "
+              f"({(pipe_tax - ddp_tax) / statistics.median(raw):+.1%} of the raw pipeline step)")
+        print("per repeat (ms), raw DDP / Lightning DDPStrategy: " + "; ".join(
+            f"{1e3 * a:.1f} / {1e3 * b:.1f}" for a, b in zip(raw_ddp, lightning_ddp)))
 
 
 def _print_bubble(args, res):
     print(f"\n(b) bubble per schedule (pp=2; looped and V schedules 2 stages per rank; {args.partition} partition, "
-          f"batch {args.batch}, width {args.width})\n")
+          f"batch {args.batch}, model {args.model}, width {args.width})\n")
     rows = []
     latency = res.get("link", {}).get("latency_s", float("nan"))
     for (schedule, micro, overlap), r in res["bubble"].items():
         parts = r.get("parts") or {}
         span = parts.get("span", float("nan"))
         rows.append({"schedule": schedule, "m": micro, "overlap": "on" if overlap else "off",
-                     "bubble measured": r["bubble"], "bubble theory": r["theory"],
+                     "bubble measured": r["bubble"], "structural": r.get("structural", float("nan")),
+                     "bubble theory": r["theory"],
                      "measured/theory": r["bubble"] / r["theory"] if r["theory"] else float("nan"),
+                     "measured/structural": r["bubble"] / r["structural"] if r.get("structural") else float("nan"),
                      "step ms": 1e3 * r["step_s"],
                      "mb compute ms": 1e3 * r.get("micro_compute_s", float("nan")),
                      "compute/latency": r.get("micro_compute_s", float("nan")) / latency,
@@ -285,7 +361,8 @@ def _print_bubble(args, res):
                      "outside ms": 1e3 * parts.get("outside", float("nan")),
                      "p2p KiB sent/rank": r["bytes"]["sent"] / 1024})
     print(format_table(rows))
-    print("(recv wait / send / other: fractions of the schedule step; outside: time between steps outside it)")
+    print("(structural: the schedule replayed with this run's measured compute times and free communication;\n"
+          " recv wait / send / other: fractions of the schedule step; outside: time between steps outside it)")
     on = {(s, m): r for (s, m, o), r in res["bubble"].items() if o}
     if ("zbv_zero_bubble", args.micro) in on and ("1f1b", args.micro) in on:
         ratio = on[("zbv_zero_bubble", args.micro)]["bubble"] / on[("1f1b", args.micro)]["bubble"]

@@ -59,7 +59,8 @@ class RunStats(pl.Callback):
         for key, method in (("comm_bytes_per_step", "comm_bytes_per_step"), ("pipeline_bubble", "pipeline_bubble")):
             report = getattr(trainer.strategy, method, None)
             if callable(report):
-                reports = gather_object(report())
+                # the pipeline's structural bubble replays every rank's tasks: a collective, all ranks are here
+                reports = gather_object(report(structural=True) if key == "pipeline_bubble" else report())
                 if any(r is not None for r in reports):  # e.g. no pipeline bubble without a pipeline
                     self.stats[key] = reports
         if trainer.logger is not None:

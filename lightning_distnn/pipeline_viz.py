@@ -118,6 +118,8 @@ def draw_timeline(
     ax.invert_yaxis()
     ax.set_xlabel("time in the step (ms)")
     text = f"{title}: bubble measured {measured_bubble(chosen, step):.2f}"
+    if bubble is not None and not math.isnan(bubble.get("structural", math.nan)):
+        text += f", structural {bubble['structural']:.2f}"
     if bubble is not None and not math.isnan(bubble.get("theory", math.nan)):
         text += f", theory {bubble['theory']:.2f}"
     ax.set_title(text)

@@ -185,7 +185,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             summary["bytes sent/step (max rank)"] = max(metrics["bytes_sent_per_step"])
         if "pipeline_bubble" in metrics:
             bubble = metrics["pipeline_bubble"][0]
-            summary["bubble (measured / theory)"] = f"{bubble.get('measured', math.nan):.3f} / {bubble.get('theory', math.nan):.3f}"
+            summary["bubble (measured / structural / theory)"] = " / ".join(
+                f"{bubble.get(k, math.nan):.3f}" for k in ("measured", "structural", "theory")
+            )
         notes = summary_notes(metrics, steps=metrics["train_steps"], model_params=model_params)
         strategy_note = getattr(trainer.strategy, "summary_note", lambda: None)()  # e.g. why a pipeline cannot pay off
         if strategy_note:

@@ -106,12 +106,15 @@ def _run_cases(rank: int, world: int) -> list[dict]:
 
         _train(step, [p for m in pipe.modules for p in m.parameters()], n, accumulate)
         state = {k: v.detach().clone() for m in pipe.modules for k, v in m.state_dict().items()}
+        records: list = [None] * dist.get_world_size()
+        dist.all_gather_object(records, pipe.timeline.records)
+        structural = pipe.structural_bubble([r for part in records for r in part])
         evals = {}
         for size in EVAL_SIZES:
             result = pipe.forward(x[:size], size)
             evals[size] = None if result is None else result.detach().clone()
         out.append({
-            "state": state, "splits": splits, "eval": evals, "last": pipe.is_last, "bubble": pipe.bubble(),
+            "state": state, "splits": splits, "eval": evals, "last": pipe.is_last, "bubble": dict(pipe.bubble(), structural=structural),
             "breakdown": pipe.breakdown(), "kinds": {r.kind for r in pipe.timeline.records},
             "stages": pipe.stage_indices, "losses": losses, "outputs": outputs,
         })
@@ -167,6 +170,7 @@ def test_ragged_batches_equal_one_process():
             neighbours = {s + d for s in r[i]["stages"] for d in (-1, 1)} - set(r[i]["stages"])
             assert sources and sources <= neighbours, f"{where}: waits from {sources}, neighbours {neighbours}"
             assert 0.0 <= bubble["measured"] <= 1.0 and {"recv_wait", "send", "other", "outside"} <= set(bubble)
+            assert 0.0 <= bubble["structural"] < 1.0, f"{where}: the replay of the recorded tasks failed: {bubble}"
 
 
 @pytest.mark.parametrize(
@@ -207,6 +211,46 @@ def _synthetic_records(m: int = 8, ranks: int = 2, per_rank: int = 2):
                     out.append(TaskRecord(0, rank, stage, mb, kind, t, t + duration))
                     t += duration
     return out
+
+
+def _replay_input(order: dict, durations: dict):
+    """Records of one step, each rank's tasks back to back in ``order`` (the clock times do not matter)."""
+    from lightning_distnn.parallel.pipeline import TaskRecord
+
+    out = []
+    for rank, tasks in order.items():
+        t = 100.0 * rank  # clocks of different hosts: the replay uses durations and order only
+        for stage, kind, mb in tasks:
+            out.append(TaskRecord(0, rank, stage, mb, kind, t, t + durations[(stage, kind)]))
+            t += durations[(stage, kind)] + 0.5
+    return out
+
+
+def test_structural_bubble_replays_the_schedule_with_free_communication():
+    from lightning_distnn.parallel.pipeline.timeline import structural_bubble
+
+    m = 4
+    gpipe = {r: [(r, "F", i) for i in range(m)] + [(r, "B", i) for i in range(m)] for r in range(2)}
+    # equal stages, F = 1, B = 2: rank 0 computes 12 of 15 time units (the textbook (p-1)/(m+p-1) = 0.2);
+    # rank 1 starts at 1 (waits for F0 of stage 0) and ends at 13
+    got = structural_bubble(_replay_input(gpipe, {(0, "F"): 1, (0, "B"): 2, (1, "F"): 1, (1, "B"): 2}))
+    assert got == pytest.approx({0: 3 / 15, 1: 1 / 13})
+    # stage 1 twice as slow: rank 1 runs F 1..9 and B 9..25; rank 0's backward i follows rank 1's (ends 13, 17,
+    # 21, 25), its last one ending at 27: rank 0 computes 12 of 27, where the textbook says 0.2
+    got = structural_bubble(_replay_input(gpipe, {(0, "F"): 1, (0, "B"): 2, (1, "F"): 2, (1, "B"): 4}))
+    assert got == pytest.approx({0: 1 - 12 / 27, 1: 1 - 24 / 25})
+    # zero bubble: the input gradient (I) goes upstream at once, the weight gradient (W) fills the wait
+    zb = {0: [(0, "F", 0), (0, "F", 1), (0, "I", 0), (0, "W", 0), (0, "I", 1), (0, "W", 1)],
+          1: [(1, "F", 0), (1, "I", 0), (1, "F", 1), (1, "W", 0), (1, "I", 1), (1, "W", 1)]}
+    unit = {(s, k): 1 for s in (0, 1) for k in "FIW"}
+    got = structural_bubble(_replay_input(zb, unit))
+    # rank 1: F0 1-2, I0 2-3, F1 3-4, W0 4-5, I1 5-6, W1 6-7 (6 of 7); rank 0: F0, F1, I0 waits for I0 of stage 1
+    # (ends 3) 3-4, W0 4-5, I1 waits for 6: 6-7, W1 7-8 (6 of 8)
+    assert got == pytest.approx({0: 2 / 8, 1: 1 / 7})
+    # a task waiting for one that never comes back in order cannot be replayed: NaN, not a guess
+    stuck = {0: [(0, "B", 0), (0, "F", 0)], 1: [(1, "F", 0), (1, "B", 0)]}
+    got = structural_bubble(_replay_input(stuck, {(0, "F"): 1, (0, "B"): 1, (1, "F"): 1, (1, "B"): 1}))
+    assert all(v != v for v in got.values())
 
 
 def test_gantt_labels_do_not_overlap_at_m8_with_two_stages_per_rank():

@@ -284,16 +284,22 @@ def predict(
         sync_s, sync_name, sync_formula, sync_bytes = 0.0, "data-parallel sync (dp=1: none)", "", 0.0
     elif L.sync == "allreduce":
         sync_s = max(dp_link.allreduce(grad_wire[r], L.dp) for r in per_rank)
+        if wire != element:  # the casts and the backend's half-precision sums, per fp32 gradient byte (measured)
+            sync_s += network.compress_s_per_byte * max(rank_params.values())
         sync_bytes = max(2 * (L.dp - 1) / L.dp * grad_wire[r] for r in per_rank)
         sync_name = f"data-parallel gradient all-reduce over dp={L.dp}" + (f" ({L.compression})" if wire != element else "")
-        sync_formula = "2(dp-1) latency + 2(dp-1)/dp grad bytes / bandwidth"
+        sync_formula = "2(dp-1) latency + 2(dp-1)/dp grad bytes / bandwidth" + (
+            " + compression s/byte x fp32 grad bytes" if wire != element else "")
     else:
         # one server colocated on rank 0: it receives (dp-1) gradient pushes and sends (dp-1) parameter pulls
         push, pull = grad_wire[0], rank_params[0]
         sync_s = 2 * (L.dp - 1) * dp_link.latency + (L.dp - 1) * (push + pull) / dp_link.bandwidth
+        if wire != element:
+            sync_s += network.compress_s_per_byte * rank_params[0]
         sync_bytes = (L.dp - 1) * pull
         sync_name = f"parameter server push + pull, {L.dp - 1} workers to 1 server" + (f" ({L.compression})" if wire != element else "")
-        sync_formula = "(dp-1) (push + pull bytes) / bandwidth + 2(dp-1) latency"
+        sync_formula = "(dp-1) (push + pull bytes) / bandwidth + 2(dp-1) latency" + (
+            " + compression s/byte x fp32 grad bytes" if wire != element else "")
     share = shared_cores(L, P, compute, per_rank, rank_params, slow)
     optimizer = share.optimizer
     cal = calibration or Calibration()

@@ -55,6 +55,9 @@ class Network:
     inter: Optional[Link] = None
     ranks_per_node: int = 0
     measured: bool = False
+    # seconds per fp32 gradient byte that fp16/bf16 compression adds beyond its halved wire: the two casts
+    # and the backend's half-precision sums (gloo adds halves element by element on the CPU); 0 = not measured
+    compress_s_per_byte: float = 0.0
 
     @classmethod
     def assumed(cls, *, latency: float = 1e-4, bandwidth: float = 1e9) -> "Network":
@@ -75,7 +78,7 @@ class Network:
     def from_dict(cls, data: dict) -> "Network":
         inter = Link(**data["inter"]) if data.get("inter") else None
         return cls(intra=Link(**data["intra"]), inter=inter, ranks_per_node=data.get("ranks_per_node", 0),
-                   measured=data.get("measured", False))
+                   measured=data.get("measured", False), compress_s_per_byte=data.get("compress_s_per_byte", 0.0))
 
     def __str__(self) -> str:
         def one(link: Link) -> str:
@@ -84,6 +87,8 @@ class Network:
         text = f"links ({'measured' if self.measured else 'assumed'}): within a node {one(self.intra)}"
         if self.inter is not None and self.ranks_per_node:
             text += f"; across nodes ({self.ranks_per_node} ranks per node) {one(self.inter)}"
+        if self.compress_s_per_byte > 0:
+            text += f"; fp16 compression {self.compress_s_per_byte * 1e9:.2f} ns per gradient byte"
         return text
 
 
@@ -181,14 +186,42 @@ def measure_network(*, ranks_per_node: int = 0, repeats: int = 5, sizes: Sequenc
                  if intra_group is not None and dist.get_rank() in (0, 1) else None)
         inter = (measure_link(inter_group, kind="p2p", repeats=repeats, sizes=sizes)
                  if dist.get_rank() in (0, ranks_per_node) else None)
-        numbers = torch.zeros(4, dtype=torch.float64)
+        # compression's own cost is local work (casts, half sums): measured across the nodes' pair
+        compress = (measure_compression(inter, repeats=repeats, group=inter_group)
+                    if dist.get_rank() in (0, ranks_per_node) else 0.0)
+        numbers = torch.zeros(5, dtype=torch.float64)
         if dist.get_rank() == 0:
             intra = intra or Link(1e-5, 1e10)
-            numbers = torch.tensor([intra.latency, intra.bandwidth, inter.latency, inter.bandwidth], dtype=torch.float64)
+            numbers = torch.tensor([intra.latency, intra.bandwidth, inter.latency, inter.bandwidth, compress],
+                                   dtype=torch.float64)
         dist.broadcast(numbers, src=0)
         return Network(Link(float(numbers[0]), float(numbers[1])), Link(float(numbers[2]), float(numbers[3])),
-                       ranks_per_node=ranks_per_node, measured=True)
+                       ranks_per_node=ranks_per_node, measured=True, compress_s_per_byte=float(numbers[4]))
     ring = measure_link(None, kind="allreduce", repeats=repeats, sizes=sizes)
     pair = measure_link(None, kind="p2p", repeats=repeats, sizes=sizes)
     slow = Link(latency=max(ring.latency, pair.latency), bandwidth=min(ring.bandwidth, pair.bandwidth))
-    return Network(slow, measured=True)
+    return Network(slow, measured=True, compress_s_per_byte=measure_compression(ring, repeats=repeats))
+
+
+def measure_compression(ring: Link, *, nbytes: int = 1 << 22, repeats: int = 5,
+                        group: Optional[dist.ProcessGroup] = None) -> float:
+    """Seconds per fp32 byte that fp16 compression of an all-reduce adds beyond its halved wire time.
+
+    Times what the compression hook does to a bucket of ``nbytes`` fp32 bytes (cast to fp16, all-reduce,
+    cast back) on ``group`` and subtracts the ring model's time for the halved bytes on ``ring``. Every
+    rank of the group calls it and gets rank 0's figure (0 when compression costs nothing extra).
+    """
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    if len(ranks) < 2:
+        return 0.0
+    buf = torch.ones(nbytes // 4)
+
+    def compressed():
+        half = buf.to(torch.float16)
+        dist.all_reduce(half, group=group)
+        buf.copy_(half)
+
+    t = _time(compressed, repeats, group)
+    extra = torch.tensor([max(0.0, (t - ring.allreduce(nbytes / 2, len(ranks))) / nbytes)], dtype=torch.float64)
+    dist.broadcast(extra, src=ranks[0], group=group)
+    return float(extra[0])

@@ -165,9 +165,10 @@ def peak_rss() -> int:
 def _measure_rank(rank: int, world_size: int, factory: Callable[..., nn.Sequential], factory_kwargs: dict,
                   sample_shape: Sequence[int], num_classes: int, global_batch: int, layouts: Sequence[Layout],
                   steps: int, warmup: int, rounds: int, timeout: float,
-                  trainer_kwargs: Optional[dict] = None) -> dict[str, dict[str, list[float]]]:
+                  trainer_kwargs: Optional[dict] = None, throwaway: bool = True) -> dict[str, dict[str, list[float]]]:
     """One rank of :func:`measure_layouts`; under torchrun call it directly (``trainer_kwargs``: e.g.
-    ``{"devices": 2, "num_nodes": 2}``; default ``devices=world_size``)."""
+    ``{"devices": 2, "num_nodes": 2}``; default ``devices=world_size``). ``throwaway``: train the first
+    layout once, untimed, before the timed rounds."""
     from lightning_distnn.models import ImageClassifier
     from lightning_distnn.testing.equivalence import FixedDataModule, quiet_trainer
 
@@ -176,21 +177,26 @@ def _measure_rank(rank: int, world_size: int, factory: Callable[..., nn.Sequenti
     n = global_batch * (steps + warmup + 1)
     x = torch.randn(n, *sample_shape, generator=generator)
     y = torch.randint(0, num_classes, (n,), generator=generator)
-    for _ in range(rounds):
-        for layout in layouts:
-            torch.manual_seed(0)
-            module = ImageClassifier(factory(**factory_kwargs), num_classes=num_classes)
-            strategy = strategy_for(layout).build(timeout=timeout)
-            timer = StepTimer()
-            probe = MemoryProbe(step_index=steps + warmup)  # one more step, untimed: its heap is sampled
-            options = {"devices": world_size, **(trainer_kwargs or {})}
-            trainer = quiet_trainer(strategy, max_steps=steps + warmup + 1, callbacks=[timer, probe],
-                                    **options)
-            base = reset_peak_rss()
-            trainer.fit(module, datamodule=FixedDataModule(x, y, global_batch // layout.dp))
-            out[layout.label]["peak"].append(float(peak_rss() - base) if base else float("nan"))
-            out[layout.label]["heap"].append(float(probe.peak) if probe.peak >= 0 else float("nan"))
-            out[layout.label]["steps"].extend(timer.intervals()[max(0, warmup - 1):steps + warmup - 1])
+    # one untimed run of the first layout before the timed ones: the first fit of a process pays for lazy
+    # imports, allocator growth and thread pools, which would otherwise fall on whichever layout runs first
+    plan = [(layout, False) for layout in layouts[:1] if throwaway]
+    plan += [(layout, True) for _ in range(rounds) for layout in layouts]
+    for layout, timed in plan:
+        torch.manual_seed(0)
+        module = ImageClassifier(factory(**factory_kwargs), num_classes=num_classes)
+        strategy = strategy_for(layout).build(timeout=timeout)
+        timer = StepTimer()
+        probe = MemoryProbe(step_index=steps + warmup)  # one more step, untimed: its heap is sampled
+        options = {"devices": world_size, **(trainer_kwargs or {})}
+        trainer = quiet_trainer(strategy, max_steps=steps + warmup + 1, callbacks=[timer, probe],
+                                **options)
+        base = reset_peak_rss()
+        trainer.fit(module, datamodule=FixedDataModule(x, y, global_batch // layout.dp))
+        if not timed:
+            continue
+        out[layout.label]["peak"].append(float(peak_rss() - base) if base else float("nan"))
+        out[layout.label]["heap"].append(float(probe.peak) if probe.peak >= 0 else float("nan"))
+        out[layout.label]["steps"].extend(timer.intervals()[max(0, warmup - 1):steps + warmup - 1])
     return out
 
 

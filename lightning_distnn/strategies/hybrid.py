@@ -509,10 +509,20 @@ class HybridStrategy(MeshStrategy):
             return None
         return self.auto_choice["why"]
 
-    def pipeline_bubble(self) -> Optional[dict[str, float]]:
+    def pipeline_bubble(self, structural: bool = False) -> Optional[dict[str, float]]:
         """Measured idle fraction of this rank in recent training steps, beside the theoretical one and
-        its parts (``Pipeline.bubble``); ``None`` when the layout has no pipeline."""
-        return self.pipeline.bubble() if self.pipeline is not None else None
+        its parts (``Pipeline.bubble``); ``None`` when the layout has no pipeline.
+
+        ``structural=True`` adds ``structural``: the bubble the schedule has with the compute times this
+        run measured and free communication (``Pipeline.structural_bubble``). It gathers every rank's
+        timeline, so every rank must call it.
+        """
+        if self.pipeline is None:
+            return None
+        report = self.pipeline.bubble()
+        if structural:
+            report["structural"] = self.pipeline.structural_bubble(self.gather_timeline())
+        return report
 
     def gather_timeline(self) -> list:
         """Task records of every rank for the recorded steps (a collective: all ranks call it)."""
@@ -528,6 +538,7 @@ class HybridStrategy(MeshStrategy):
             self.pipeline.flush()
         if self.gantt_path and self.pipeline is not None and self.record_timeline:
             records = self.gather_timeline()
+            bubble = dict(self.pipeline_bubble(), structural=self.pipeline.structural_bubble(records))
             if self.global_rank == 0:
                 from lightning_distnn.pipeline_viz import plot_timeline
 
@@ -538,7 +549,7 @@ class HybridStrategy(MeshStrategy):
                     records,
                     str(path),
                     title=f"{self.schedule}, pp={self.parallel_dims.pp}, m={self.microbatches}",
-                    bubble=self.pipeline_bubble(),
+                    bubble=bubble,
                 )
 
     @override

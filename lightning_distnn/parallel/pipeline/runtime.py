@@ -50,7 +50,7 @@ from lightning_distnn.parallel.pipeline.schedules import (
     theoretical_bubble,
 )
 from lightning_distnn.parallel.pipeline.overlap import overlap_supported, overlapped_schedule
-from lightning_distnn.parallel.pipeline.timeline import Timeline, record_tasks
+from lightning_distnn.parallel.pipeline.timeline import Timeline, record_tasks, structural_bubble
 from lightning_distnn.parallel.pipeline.wire import OutputShare, broadcast_tensor, recv_tensor, send_tensor
 from lightning_distnn.partition.model import StagePlan
 
@@ -351,6 +351,17 @@ class Pipeline:
         span = parts["span"]
         fractions = {k: parts[k] / span if span > 0 else math.nan for k in ("recv_wait", "send", "other", "outside")}
         return {"measured": measured, "theory": theory, **fractions}
+
+    def structural_bubble(self, records: list) -> float:
+        """This rank's structural bubble (:func:`~.timeline.structural_bubble`), mean over the measured steps.
+
+        ``records``: the task records of every rank (``PipelineStrategy.gather_timeline()``); only those of
+        this rank's pipeline group are replayed (other data-parallel replicas run the same stages).
+        """
+        members = set(dist.get_process_group_ranks(self.group))
+        mine = [r for r in records if r.rank in members]
+        values = [structural_bubble(mine, step).get(self.timeline.rank, math.nan) for step in self._measured_steps()]
+        return sum(values) / len(values) if values else math.nan
 
 
 def clip_grad_norm_across(

@@ -181,6 +181,62 @@ def split_waits(records: list[TaskRecord], step: Optional[int] = None) -> dict[i
     return dict(out)
 
 
+def structural_bubble(records: list[TaskRecord], step: Optional[int] = None) -> dict[int, float]:
+    """Per rank, the bubble its schedule would have with these compute times and free communication.
+
+    Replays one step (default: the last) from the records of every rank: each rank runs its compute
+    tasks (F/B/I/W) in the order it ran them and for as long as they took, each task starting once
+    its rank is free and its input exists (F of the stage before for a forward; B or I of the stage
+    after for a backward; I of the same stage for W), with no time for transfers and none for the
+    runtime's own work. The bubble of a rank is then ``1 - compute / span`` as in
+    :meth:`Timeline.bubble`, its span running from the step's start to its last task's end. This is
+    the schedule's structural bubble for the stage costs the run really had (unequal stages
+    included), where :func:`~lightning_distnn.parallel.pipeline.schedules.theoretical_bubble`
+    assumes equal ones; the measured bubble above it is what communication and the runtime cost.
+    NaN for every rank when the tasks cannot be replayed (a task waits for one that never runs).
+    """
+    if not records:
+        return {}
+    step = max(r.step for r in records) if step is None else step
+    queues: dict[int, list[TaskRecord]] = defaultdict(list)
+    for r in sorted((r for r in records if r.step == step and r.kind in COMPUTE), key=lambda r: r.start):
+        queues[r.rank].append(r)
+    produced = {(("F" if r.kind == "F" else "B" if r.kind in ("B", "I") else "W"), r.stage, r.microbatch)
+                for q in queues.values() for r in q}
+    last_stage = max((r.stage for q in queues.values() for r in q), default=0)
+
+    def needs(r: TaskRecord) -> Optional[tuple[str, int, int]]:
+        if r.kind == "F":
+            return ("F", r.stage - 1, r.microbatch) if r.stage > 0 else None
+        if r.kind in ("B", "I"):
+            return ("B", r.stage + 1, r.microbatch) if r.stage < last_stage else ("F", r.stage, r.microbatch)
+        return ("B", r.stage, r.microbatch)  # W after its I
+
+    done: dict[tuple[str, int, int], float] = {}
+    clock = {rank: 0.0 for rank in queues}
+    busy = {rank: 0.0 for rank in queues}
+    position = {rank: 0 for rank in queues}
+    progress = True
+    while progress:
+        progress = False
+        for rank, queue in queues.items():
+            while position[rank] < len(queue):
+                r = queue[position[rank]]
+                dep = needs(r)
+                if dep is not None and dep in produced and dep not in done:
+                    break
+                start = max(clock[rank], done.get(dep, 0.0) if dep is not None else 0.0)
+                clock[rank] = start + r.duration
+                busy[rank] += r.duration
+                key = ("F" if r.kind == "F" else "B" if r.kind in ("B", "I") else "W", r.stage, r.microbatch)
+                done[key] = max(done.get(key, 0.0), clock[rank])
+                position[rank] += 1
+                progress = True
+    if any(position[rank] < len(queue) for rank, queue in queues.items()):
+        return {rank: math.nan for rank in queues}
+    return {rank: max(0.0, 1.0 - busy[rank] / clock[rank]) if clock[rank] > 0 else math.nan for rank in queues}
+
+
 def record_tasks(stage: PipelineStage, timeline: Timeline) -> None:
     """Time every F/B/I/W task ``stage`` runs, and its receive waits and sends, into ``timeline``."""
     wrap_stage_tasks(stage, timeline.add)
