@@ -181,7 +181,7 @@ def run_cluster_scenario(sc: Scenario, args, calibration: Calibration) -> dict:
                   max_microbatches=args.max_microbatches)
     by_label = {e.layout.label: e for e in plan.ranked}
     chosen = [by_label[Layout(**{**d, "partition": tuple(d["partition"])}).label] for d in data["layouts"]]
-    return _report(sc, plan, chosen, data["measured"], time.perf_counter() - t0, calibration, None)
+    return _report(sc, plan, chosen, data["measured"], time.perf_counter() - t0, calibration, None, args.rounds)
 
 
 def run_scenario(sc: Scenario, args, calibration: Calibration | None) -> dict:
@@ -211,10 +211,11 @@ def run_scenario(sc: Scenario, args, calibration: Calibration | None) -> dict:
                                     global_batch=sc.global_batch, steps=args.steps, rounds=args.rounds)
             measured.update(extra)
             chosen.append(plan.best)
-    return _report(sc, plan, chosen, measured, plan_s, calibration, fitted)
+    return _report(sc, plan, chosen, measured, plan_s, calibration, fitted, args.rounds)
 
 
-def _report(sc: Scenario, plan, chosen: list, measured: dict, plan_s: float, calibration, fitted) -> dict:
+def _report(sc: Scenario, plan, chosen: list, measured: dict, plan_s: float, calibration, fitted,
+            rounds: int = 1) -> dict:
     rows = []
     for e in chosen:
         m = measured[e.layout.label]
@@ -223,13 +224,14 @@ def _report(sc: Scenario, plan, chosen: list, measured: dict, plan_s: float, cal
             "error": abs(e.step_s - m["step_s"]) / m["step_s"],
             "predicted_mem": e.memory_bytes, "measured_mem": m.get("peak_heap_bytes", float("nan")),
             "rss_mem": m["peak_rss_bytes"], "cores_factor": e.features.get("cores_factor", 1.0),
+            "samples": m.get("samples", []),
         })
     best = min(rows, key=lambda r: r["measured_s"])
     pick = next((r for r in rows if r["layout"] == plan.best.layout.label), None)
     if pick is None:  # the re-planned choice was not among the measured layouts: no regret can be given
         pick = {"layout": plan.best.layout.label, "measured_s": float("nan")}
     return {
-        "scenario": asdict(sc), "plan_s": plan_s, "in_sample": calibration is None,
+        "scenario": asdict(sc), "plan_s": plan_s, "in_sample": calibration is None, "rounds": rounds,
         "load": os.getloadavg(),
         "calibration": asdict(fitted or calibration), "network": plan.network.to_dict(),
         "chosen": pick["layout"], "chosen_ips": sc.global_batch / pick["measured_s"],
@@ -312,11 +314,30 @@ def reanalyze(path: str, args) -> list[dict]:
     return out
 
 
+def round_spread(samples: list[float], rounds: int) -> float:
+    """How far apart the rounds' medians of one layout are (max / min - 1): the noise between measurements of the
+    same layout minutes apart, against which a regret can be read. NaN with one round."""
+    if rounds < 2 or len(samples) < rounds:
+        return float("nan")
+    per = len(samples) // rounds
+    medians = [statistics.median(samples[i * per:(i + 1) * per]) for i in range(rounds)]
+    return max(medians) / min(medians) - 1
+
+
+def noise(result: dict) -> float:
+    """A scenario's measurement noise: the median round spread over its measured layouts."""
+    rounds = result.get("rounds", 1)
+    spreads = [round_spread(row.get("samples", []), rounds) for row in result["layouts"]]
+    spreads = [x for x in spreads if x == x]
+    return statistics.median(spreads) if spreads else float("nan")
+
+
 def scenario_rows(results: list[dict]) -> list[dict]:
     """One row per scenario: chosen and best layouts, regret, errors, the load average while it ran."""
     return [{"scenario": r["scenario"]["name"] + (" *" if r["in_sample"] else ""), "chosen": r["chosen"],
              "chosen img/s": r["chosen_ips"], "best measured": r["best"], "best img/s": r["best_ips"],
              "regret": r["regret"] if r["regret"] is not None else "n/a",
+             "noise": noise(r),
              "median error": statistics.median(row["error"] for row in r["layouts"]),
              "max error": max(row["error"] for row in r["layouts"]),
              "median mem error": statistics.median(abs(row["predicted_mem"] - row["measured_mem"]) / row["measured_mem"]
@@ -334,9 +355,12 @@ def summarize(results: list[dict]) -> dict:
 
     mem = [abs(row["predicted_mem"] - row["measured_mem"]) / row["measured_mem"] for r in results for row in r["layouts"]
            if row["measured_mem"] and row["measured_mem"] == row["measured_mem"] and row["measured_mem"] > 0]
+    noises = [noise(r) for r in results if r["regret"] is not None]
+    within = [reg <= max(0.05, n) for reg, n in zip(regrets, noises) if n == n]
     return {
         "scenarios": len(results),
         "regret <= 5%": sum(r <= 0.05 for r in regrets) / len(regrets) if regrets else float("nan"),
+        "regret <= max(5%, noise)": sum(within) / len(within) if within else float("nan"),
         "max regret": max(regrets) if regrets else float("nan"),
         "median error": statistics.median(errors) if errors else float("nan"),
         "p90 error": pct(errors, 0.9),
@@ -455,12 +479,7 @@ def main(argv=None) -> int:
                 json.dump({"results": results, "partial": True}, f, indent=1, default=str)
     report: dict = {"results": results, "skipped": [s.name + ": " + s.skip for s in skipped]}
     if results:
-        rows = [{"scenario": r["scenario"]["name"] + (" *" if r["in_sample"] else ""), "chosen": r["chosen"],
-                 "chosen img/s": r["chosen_ips"], "best measured": r["best"], "best img/s": r["best_ips"],
-                 "regret": r["regret"],
-                 "median error": statistics.median(row["error"] for row in r["layouts"]),
-                 "max error": max(row["error"] for row in r["layouts"])} for r in results]
-        print("\n" + format_table(rows))
+        print("\n" + format_table(scenario_rows(results)))
         report["summary"] = summarize(results)
         print("\n" + format_table([report["summary"]]))
         if args.plot:

@@ -234,6 +234,7 @@ def test_stage_placement_and_theory():
     assert theoretical_bubble("gpipe", 4, 8) == pytest.approx(3 / 11)
     assert theoretical_bubble("1f1b", 2, 4) == pytest.approx(1 / 5)
     assert theoretical_bubble("interleaved_1f1b", 2, 4, 2) == pytest.approx(1 / 9)
+    assert theoretical_bubble("interleaved_1f1b", 2, 1, 2) == pytest.approx(1 / 2)  # m < p: each round alone
 
 
 def test_schedule_names_are_case_insensitive_and_listed():

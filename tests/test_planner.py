@@ -81,6 +81,28 @@ def test_interleaving_shrinks_the_bubble_and_1f1b_the_memory():
     assert t1[2] == pytest.approx((8 + 1 / 2) * c)  # (m + (p-1)/v) c
     mem = [{t.symbol: t.value for t in e.memory_terms}["M_4"] for e in (gpipe, one)]
     assert mem[1] == pytest.approx(mem[0] * 2 / 8)  # 1F1B keeps p = 2 micro-batches in flight, GPipe m = 8
+    # one micro-batch on 2 ranks: it crosses the 4 chunks one after another, as GPipe's 2 stages (no gain from v)
+    gpipe1 = predict(Layout(pp=2, schedule="gpipe", microbatches=1, partition=(4, 4)), prof, FAST, global_batch=32)
+    inter1 = predict(Layout(pp=2, schedule="interleaved_1f1b", microbatches=1, partition=(2, 2, 2, 2),
+                            stages_per_rank=2), prof, FAST, global_batch=32)
+    t1 = [{t.symbol: t.value for t in e.terms}["T_1"] for e in (gpipe1, inter1)]
+    assert t1[1] == pytest.approx(t1[0]) and t1[0] == pytest.approx(2 * 32 * 4 * 3 * MS)
+
+
+def test_only_the_pipeline_cut_between_nodes_runs_at_the_slow_link():
+    """pp=4 on 2 nodes of 2 ranks: stages 1 -> 2 cross the nodes, the other two cuts stay inside a node."""
+    prof = hand_profile(n=4)
+    layout = Layout(pp=4, schedule="gpipe", microbatches=1, partition=(1, 1, 1, 1))
+    fast, slow = Link(latency=1e-6, bandwidth=1e12), Link(latency=1e-2, bandwidth=1e6)
+
+    def s1(network):
+        return {t.symbol: t.value for t in predict(layout, prof, network, global_batch=8).terms}["S_1"]
+
+    two_nodes = s1(Network(fast, slow, ranks_per_node=2))
+    every_cut_slow = s1(Network(slow))
+    one_cut = 2 * slow.p2p(400 * 8)  # the activation forward and its gradient back, one micro-batch
+    assert two_nodes == pytest.approx(one_cut, rel=0.01)
+    assert every_cut_slow == pytest.approx(3 * one_cut, rel=0.01)
 
 
 def test_shared_cores_stretch_the_step_to_the_hosts_work():
@@ -290,6 +312,9 @@ def test_tensor_parallel_bytes_add_up_to_the_plan():
                                           for layer in prof.layers for leaf in layer.leaves})["sent"]
     assert whole > 0
     assert sum(layer.tp[2].bytes_per_sample for layer in prof.layers) * batch == pytest.approx(whole, rel=1e-6)
+    # the modules whose input is sharded are those the plan feeds a shard (what they save splits over the ranks)
+    sharded_in = {name for layer in prof.layers for name in layer.tp[2].sharded_in}
+    assert sharded_in == {e.name for e in plan_tp(net, 2).entries if e.input != "replicate"} != set()
 
 
 def test_second_plan_reads_the_cache(tmp_path, monkeypatch):
@@ -339,6 +364,28 @@ def test_backward_peak_sweeps_the_leaves():
     # + 400 output gradient + 400 input gradient = 1240
     assert terms["M_4"] == pytest.approx((540 + 40) * 2)  # + the input batch
     assert terms["M_6"] == pytest.approx((1240 - 540) * 2)
+
+
+def test_tensor_parallel_activations_split_only_where_the_input_is_sharded():
+    """M_4 under tp: a column-wise layer keeps its replicated input whole; what follows it on the shard splits."""
+    from lightning_distnn.planner import Leaf, TPCost
+
+    layer = LayerProfile(index=0, name="L0", forward_s={1: MS}, backward_s={1: MS}, param_bytes=800, out_bytes=400,
+                         saved_bytes=440, leaves=[Leaf("0.0", "Conv2d", 10, 100), Leaf("0.1", "ReLU", 100, 100)],
+                         leaf_saved=[40, 400])
+    head = LayerProfile(index=1, name="L1", forward_s={1: MS}, backward_s={1: MS}, param_bytes=0, out_bytes=10,
+                        saved_bytes=100)
+    layer.tp[2] = TPCost(sharded=1.0, bytes_per_sample=0.0, collectives=1, out_sharded=True, sharded_in=["0.1"])
+    head.tp[2] = TPCost(sharded=0.0, bytes_per_sample=0.0, collectives=0, out_sharded=False)
+    prof = ModelProfile(layers=[layer, head], input_bytes=40)
+    terms = {t.symbol: t.value for t in predict(Layout(tp=2), prof, FAST, global_batch=2).memory_terms}
+    # per sample: the conv's 40 saved bytes (its replicated input) whole, the ReLU's 400 on the shard halved, the
+    # replicated head's 100 whole, and the input batch (40)
+    assert terms["M_4"] == pytest.approx((40 + 200 + 100 + 40) * 2)
+    # a profile from before the per-leaf shards (sharded_in empty on a sharded layer): the old rule, all halved
+    layer.tp[2] = TPCost(sharded=1.0, bytes_per_sample=0.0, collectives=1, out_sharded=True)
+    terms = {t.symbol: t.value for t in predict(Layout(tp=2), prof, FAST, global_batch=2).memory_terms}
+    assert terms["M_4"] == pytest.approx((220 + 100 + 40) * 2)
 
 
 def test_predicted_memory_is_within_15_percent_of_a_real_training_step():

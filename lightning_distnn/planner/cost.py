@@ -10,7 +10,9 @@ micro-batch, ``C_r`` the sum of ``c_s`` over the ``v`` stages rank ``r`` holds, 
   from measured steps; zero until calibrated).
 * ``T_1`` compute: forward + backward, the pipeline's bubble included:
   ``m * C_r* + (sum_s c_s - C_r*) / v`` over the compute part of each ``c_s``. With equal stages
-  that is ``(m + (p-1)/v) c``, i.e. the slowest stage's compute times ``1 / (1 - bubble)``.
+  that is ``(m + (p-1)/v) c``, i.e. the slowest stage's compute times ``1 / (1 - bubble)``. With
+  fewer micro-batches than pipeline ranks the looped schedules gain nothing (``/ 1``, not ``/ v``):
+  each of their ``v`` rounds fills and drains alone.
 * ``T_2`` optimizer step over the parameters the slowest rank holds.
 * ``S_1`` pipeline sends: each micro-batch's activation forward and its gradient back at every
   cut (point-to-point), on the critical path by the same formula as ``T_1``.
@@ -228,10 +230,13 @@ def predict(
     tp, v, m = L.tp, (L.stages_per_rank if L.pp > 1 else 1), L.microbatches
     mu = global_batch / L.dp / m
     tp_link = network.link_for(range(tp))
-    pp_link = network.link_for([s * tp for s in range(L.pp)])
     dp_link = network.link_for(_dp_ranks(L))
     stages = _stages(L, P.num_layers)
     ranks = L.stage_ranks() if L.pp > 1 else [0]
+
+    def cut_link(s: int):
+        """The link between stage ``s`` and ``s + 1``: across nodes only where their ranks sit on two nodes."""
+        return network.link_for([ranks[s] * tp, ranks[s + 1] * tp])
 
     def shard(layer) -> float:
         if tp == 1:
@@ -239,15 +244,35 @@ def predict(
         f = layer.tp[tp].sharded
         return 1 - f + f / tp
 
+    def leaf_scales(layer) -> Optional[list[tuple[float, float]]]:
+        """Per leaf of ``layer`` under tp: the share of its input (and what it saves) and of its output one rank
+        holds (1/tp where sharded, 1 where replicated); ``None`` without per-leaf data (old profiles)."""
+        if tp == 1 or not layer.leaves or len(layer.leaf_saved) != len(layer.leaves):
+            return None
+        c = layer.tp[tp]
+        if not c.sharded_in and c.sharded > 0:  # a profile from before the per-leaf shards were recorded
+            return None
+        ins = [1.0 / tp if leaf.name in c.sharded_in else 1.0 for leaf in layer.leaves]
+        outs = ins[1:] + [1.0 / tp if c.out_sharded else 1.0]
+        return list(zip(ins, outs))
+
+    def saved_per_sample(layer) -> float:
+        """Bytes one rank saves for the backward per sample: a leaf whose input is sharded saves 1/tp of its
+        tensors; the others (a column-wise layer's replicated input, what follows a row-wise all-reduce) all."""
+        scales = leaf_scales(layer)
+        if scales is None:
+            return layer.saved_bytes * shard(layer)
+        return sum(sv * f_in for sv, (f_in, _) in zip(layer.leaf_saved, scales))
+
     compute, p2p, tpcomm, params, saved, inbuf, ncoll = [], [], [], [], [], [], []
     for s, layers in enumerate(stages):
         comp = sum((P.layers[i].time("forward", mu) + P.layers[i].time("backward", mu)) * shard(P.layers[i])
                    for i in layers) / P.profile_slowdown
         send = 0.0
         if s < len(stages) - 1:
-            send += pp_link.p2p(P.layers[layers[-1]].out_bytes * mu)  # activation forward
+            send += cut_link(s).p2p(P.layers[layers[-1]].out_bytes * mu)  # activation forward
         if s > 0:
-            send += pp_link.p2p(P.layers[layers[0] - 1].out_bytes * mu)  # its gradient back
+            send += cut_link(s - 1).p2p(P.layers[layers[0] - 1].out_bytes * mu)  # its gradient back
         coll, count = 0.0, 0
         if tp > 1:
             for i in layers:
@@ -263,7 +288,7 @@ def predict(
         p2p.append(send)
         tpcomm.append(coll)
         params.append(sum(P.layers[i].param_bytes * shard(P.layers[i]) for i in layers))
-        saved.append(sum(P.layers[i].saved_bytes * shard(P.layers[i]) for i in layers) * mu)
+        saved.append(sum(saved_per_sample(P.layers[i]) for i in layers) * mu)
         inbuf.append((P.layers[layers[0] - 1].out_bytes if layers[0] > 0 else P.input_bytes) * mu
                      + (P.layers[layers[-1]].out_bytes * mu if L.pp > 1 else 0.0))  # a stage keeps its output for the backward
 
@@ -272,9 +297,11 @@ def predict(
     per_rank = {r: [s for s, rr in enumerate(ranks) if rr == r] for r in set(ranks)}
     slow = max(per_rank, key=lambda r: sum(total[s] for s in per_rank[r]))
 
+    loops = _loop_divisor(L)
+
     def path(part: Sequence[float]) -> float:
         mine = sum(part[s] for s in per_rank[slow])
-        return m * mine + (sum(part) - mine) / v
+        return m * mine + (sum(part) - mine) / loops
 
     rank_params = {r: sum(params[s] for s in per_rank[r]) for r in per_rank}
     element = P.element_size
@@ -331,14 +358,17 @@ def predict(
         its own are alive, with the gradient of its output and of its input (none for the network's
         first leaf). Without leaf data, layers stand for leaves.
         """
-        items = []  # (saved, out, in) bytes per sample, in execution order
+        items = []  # (saved, out, in) bytes per sample on one rank, in execution order
         for i in layers:
             layer = P.layers[i]
+            scales = leaf_scales(layer)
             if layer.leaves and len(layer.leaf_saved) == len(layer.leaves):
-                items += [(sv, lf.out_numel * element, lf.in_numel * element)
-                          for lf, sv in zip(layer.leaves, layer.leaf_saved)]
+                scales = scales or [(scale_tp, scale_tp)] * len(layer.leaves)
+                items += [(sv * f_in, lf.out_numel * element * f_out, lf.in_numel * element * f_in)
+                          for lf, sv, (f_in, f_out) in zip(layer.leaves, layer.leaf_saved, scales)]
             else:
-                items.append((layer.saved_bytes, layer.out_bytes, P.layers[i - 1].out_bytes if i > 0 else P.input_bytes))
+                items.append((layer.saved_bytes * scale_tp, layer.out_bytes * scale_tp,
+                              (P.layers[i - 1].out_bytes if i > 0 else P.input_bytes) * scale_tp))
         if layers and layers[0] == 0 and items:
             items[0] = (items[0][0], items[0][1], 0)
         total = sum(sv for sv, _, _ in items)
@@ -346,7 +376,7 @@ def predict(
         for sv, out, inp in reversed(items):
             before -= sv
             peak = max(peak, before + sv + out + inp)
-        return max(0.0, peak - total) * mu * scale_tp
+        return max(0.0, peak - total) * mu
 
     scale_tp = 1.0 / tp if tp > 1 else 1.0  # sharded leaves: their activations and gradients split over tp (roughly)
     best: Optional[list[Term]] = None
@@ -412,6 +442,14 @@ class SharedCores:
     formula: str = ""
 
 
+def _loop_divisor(L: "Layout") -> int:
+    """How much the looped schedules shrink the fill and drain of the pipeline: by ``v`` stages per rank when
+    every round is full (``m >= pp``); with fewer micro-batches than ranks each of the ``v`` rounds fills and
+    drains on its own, as in GPipe (``v (m + p - 1)`` chunk times: no gain)."""
+    v = L.stages_per_rank if L.pp > 1 else 1
+    return v if L.microbatches >= L.pp else 1
+
+
 def shared_cores(layout: Layout, profile: ModelProfile, compute: Sequence[float], per_rank: dict[int, list[int]],
                  rank_params: dict[int, float], slow: int) -> SharedCores:
     """Compute time of ``layout`` on hosts whose ranks share cores (see :class:`SharedCores`).
@@ -425,7 +463,7 @@ def shared_cores(layout: Layout, profile: ModelProfile, compute: Sequence[float]
     L, P = layout, profile
     m, v = L.microbatches, (L.stages_per_rank if L.pp > 1 else 1)
     mine = sum(compute[s] for s in per_rank[slow])  # slow: the rank on the critical path
-    path_compute = m * mine + (sum(compute) - mine) / v
+    path_compute = m * mine + (sum(compute) - mine) / _loop_divisor(L)
     opt = {r: P.optimizer_s_per_param * rank_params[r] / P.element_size / P.profile_slowdown for r in per_rank}
     optimizer = max(opt.values())
     work = {r: m * sum(compute[s] for s in per_rank[r]) + opt[r] for r in per_rank}

@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 
 
 @dataclass
@@ -52,13 +52,17 @@ class TPCost:
     assumed to split the same way); ``bytes_per_sample``: bytes each rank sends in the layer's
     collectives per sample, forward + backward (ring-counted, as ``parallel.tensor.comm_bytes``);
     ``collectives``: how many collectives per micro-batch; ``out_sharded``: the layer's output
-    stays sharded (a pipeline cut after it must gather it).
+    stays sharded (a pipeline cut after it must gather it); ``sharded_in``: the modules of the
+    layer whose input is sharded, so that what they save for the backward (their input, or their
+    output for an activation, which is sharded alike) is split over the ranks; the others save
+    full-size tensors (a column-wise layer keeps its replicated input).
     """
 
     sharded: float
     bytes_per_sample: float
     collectives: int
     out_sharded: bool
+    sharded_in: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -410,9 +414,12 @@ def tp_costs(net: nn.Sequential, tp: int, leaves: Sequence[Leaf], sample: Option
         sharded = sent = 0.0
         collectives = 0
         out_sharded = False
+        sharded_in = []
         for entry in plan.entries:
             if entry.name.split(".")[0] != name:
                 continue
+            if entry.input != REPLICATE:
+                sharded_in.append(entry.name)
             if entry.style in ("colwise", "rowwise"):
                 weight = getattr(modules[entry.name], "weight", None)
                 sharded += weight.numel() if weight is not None else 0
@@ -431,7 +438,7 @@ def tp_costs(net: nn.Sequential, tp: int, leaves: Sequence[Leaf], sample: Option
                 first = False
             out_sharded = entry.output != REPLICATE
         out.append(TPCost(sharded=sharded / total, bytes_per_sample=sent, collectives=collectives,
-                          out_sharded=out_sharded))
+                          out_sharded=out_sharded, sharded_in=sharded_in))
     return out
 
 

@@ -199,7 +199,8 @@ def theoretical_bubble(schedule: str, pp_size: int, microbatches: int, stages_pe
     """Idle fraction of a rank in the ideal schedule (equal stage costs, free communication).
 
     ``(p-1)/(m+p-1)`` for GPipe and 1F1B; ``(p-1)/(v*m+p-1)`` for the looped schedules
-    (interleaved 1F1B, looped BFS) with ``v`` stages per rank; 0 for ZB-V (its claim when the
+    (interleaved 1F1B, looped BFS) with ``v`` stages per rank (GPipe's with ``m < p``, when each
+    round fills and drains alone); 0 for ZB-V (its claim when the
     forward, input-backward and weight-backward tasks cost the same). NaN where we use no closed
     form (interleaved zero bubble, DualPipeV): read the measured value.
     """
@@ -210,7 +211,8 @@ def theoretical_bubble(schedule: str, pp_size: int, microbatches: int, stages_pe
     if schedule in SINGLE_STAGE:
         return (p - 1) / (m + p - 1)
     if schedule in ("interleaved_1f1b", "looped_bfs"):
-        return (p - 1) / (v * m + p - 1)
+        # with fewer micro-batches than ranks every one of the v rounds fills and drains alone: GPipe's bubble
+        return (p - 1) / (v * m + p - 1) if m >= p else (p - 1) / (m + p - 1)
     if schedule == "zbv_zero_bubble":
         return 0.0
     return math.nan
