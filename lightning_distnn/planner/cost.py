@@ -252,7 +252,18 @@ def predict(
         c = layer.tp[tp]
         if not c.sharded_in and c.sharded > 0:  # a profile from before the per-leaf shards were recorded
             return None
-        ins = [1.0 / tp if leaf.name in c.sharded_in else 1.0 for leaf in layer.leaves]
+        def share(leaf) -> float:
+            if leaf.name in c.sharded_in:
+                return 1.0 / tp
+            inner = [n for n in c.modules if n.startswith(leaf.name + ".")]
+            if not inner:
+                return 1.0
+            # a leaf holding several planned modules (a residual block): their share with a sharded input,
+            # each module taken to save about as much
+            g = sum(n in c.sharded_in for n in inner) / len(inner)
+            return 1 - g + g / tp
+
+        ins = [share(leaf) for leaf in layer.leaves]
         outs = ins[1:] + [1.0 / tp if c.out_sharded else 1.0]
         return list(zip(ins, outs))
 

@@ -55,7 +55,8 @@ class TPCost:
     stays sharded (a pipeline cut after it must gather it); ``sharded_in``: the modules of the
     layer whose input is sharded, so that what they save for the backward (their input, or their
     output for an activation, which is sharded alike) is split over the ranks; the others save
-    full-size tensors (a column-wise layer keeps its replicated input).
+    full-size tensors (a column-wise layer keeps its replicated input); ``modules``: every module of
+    the layer the plan names (a leaf that holds several, e.g. a residual block, splits by their share).
     """
 
     sharded: float
@@ -63,6 +64,7 @@ class TPCost:
     collectives: int
     out_sharded: bool
     sharded_in: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -414,10 +416,11 @@ def tp_costs(net: nn.Sequential, tp: int, leaves: Sequence[Leaf], sample: Option
         sharded = sent = 0.0
         collectives = 0
         out_sharded = False
-        sharded_in = []
+        sharded_in, named = [], []
         for entry in plan.entries:
             if entry.name.split(".")[0] != name:
                 continue
+            named.append(entry.name)
             if entry.input != REPLICATE:
                 sharded_in.append(entry.name)
             if entry.style in ("colwise", "rowwise"):
@@ -438,7 +441,7 @@ def tp_costs(net: nn.Sequential, tp: int, leaves: Sequence[Leaf], sample: Option
                 first = False
             out_sharded = entry.output != REPLICATE
         out.append(TPCost(sharded=sharded / total, bytes_per_sample=sent, collectives=collectives,
-                          out_sharded=out_sharded, sharded_in=sharded_in))
+                          out_sharded=out_sharded, sharded_in=sharded_in, modules=named))
     return out
 
 
