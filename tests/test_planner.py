@@ -54,6 +54,13 @@ def test_data_parallel_step_is_compute_plus_allreduce():
     assert est.images_per_s == pytest.approx(32 / est.step_s)
     half = predict(Layout(dp=2, compression="fp16"), prof, SLOW, global_batch=32)
     assert {t.symbol: t.value for t in half.terms}["S_3"] == pytest.approx(2 * 1e-4 + P / 2 / 1e8)
+    # compression's measured local cost (casts, half-precision sums) per fp32 gradient byte comes on top
+    costly = Network(SLOW.intra, compress_s_per_byte=1e-8)
+    half = predict(Layout(dp=2, compression="fp16"), prof, costly, global_batch=32)
+    assert {t.symbol: t.value for t in half.terms}["S_3"] == pytest.approx(2 * 1e-4 + P / 2 / 1e8 + 1e-8 * P)
+    full = predict(Layout(dp=2), prof, costly, global_batch=32)
+    assert {t.symbol: t.value for t in full.terms}["S_3"] == pytest.approx(2 * 1e-4 + P / 1e8)
+    assert Network.from_dict(costly.to_dict()) == costly
 
 
 def test_pipeline_step_is_bubble_formula():

@@ -57,6 +57,7 @@ def test_links_measured_in_two_processes_agree():
     assert results[0] == results[1]
     link = results[0]["intra"]
     assert link["latency"] >= 0 and 0 < link["bandwidth"] < float("inf") and results[0]["measured"]
+    assert results[0]["compress_s_per_byte"] >= 0  # fp16 compression's own cost, measured with the links
 
 
 @pytest.mark.slow
