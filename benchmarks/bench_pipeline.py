@@ -133,16 +133,23 @@ def raw_run(rank, world, schedule, micro, counts, steps, batch, width, x, y):
                 loss_fn=module.loss_fn)
     opt = torch.optim.SGD([p for m in mods for p in m.parameters()], lr=0.05, momentum=0.9)
     first, last = 0 in indices, num_stages - 1 in indices
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return timed_loop(lambda xb, yb: sched.step(*((xb,) if first else ()), target=yb if last else None),
+                      opt, steps, batch, x, y, seed=0)
+
+
+def timed_loop(step, opt, steps, batch, x, y, seed):
+    """Mean seconds of ``steps`` optimizer steps of ``step(x_batch, y_batch)`` after 2 warm-up steps (a barrier
+    ends each, so every rank's time is the slowest rank's)."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     times = []
-    for step in range(steps + 2):
-        sl = order[(step * batch) % len(x):][:batch]
+    for i in range(steps + 2):
+        sl = order[(i * batch) % len(x):][:batch]
         start = time.perf_counter()
         opt.zero_grad()
-        sched.step(*((x[sl],) if first else ()), target=y[sl] if last else None)
+        step(x[sl], y[sl])
         opt.step()
         dist.barrier()
-        if step >= 2:
+        if i >= 2:
             times.append(time.perf_counter() - start)
     return sum(times) / len(times)
 
@@ -154,18 +161,8 @@ def raw_ddp_run(world, steps, batch, width, x, y):
     module = make_module(width)
     ddp = DistributedDataParallel(module.net)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(dist.get_rank()))
-    times = []
-    for step in range(steps + 2):
-        sl = order[(step * batch) % len(x):][:batch]
-        start = time.perf_counter()
-        opt.zero_grad()
-        module.loss_fn(ddp(x[sl]), y[sl]).backward()
-        opt.step()
-        dist.barrier()
-        if step >= 2:
-            times.append(time.perf_counter() - start)
-    return sum(times) / len(times)
+    return timed_loop(lambda xb, yb: module.loss_fn(ddp(xb), yb).backward(), opt, steps, batch, x, y,
+                      seed=dist.get_rank())
 
 
 def lightning_ddp_run(world, steps, batch, width, x, y):

@@ -356,15 +356,21 @@ def test_in_flight_follows_the_schedules():
     assert in_flight(inter, 0) == {0: 3, 2: 2} and in_flight(inter, 1) == {1: 2, 3: 1}
 
 
-def test_backward_peak_sweeps_the_leaves():
-    """M_6: at leaf k the saved tensors up to k are alive with k's output and input gradients."""
+def _conv_relu_and_head(*, param_bytes: int, out_bytes: int) -> tuple:
+    """A layer of two leaves (a conv saving 40 bytes per sample, a ReLU saving 400) and a head saving 100."""
     from lightning_distnn.planner import Leaf
 
-    layer = LayerProfile(index=0, name="L0", forward_s={1: MS}, backward_s={1: MS}, param_bytes=0, out_bytes=100,
-                         saved_bytes=440, leaves=[Leaf("0.0", "Conv2d", 10, 100), Leaf("0.1", "ReLU", 100, 100)],
-                         leaf_saved=[40, 400])
+    layer = LayerProfile(index=0, name="L0", forward_s={1: MS}, backward_s={1: MS}, param_bytes=param_bytes,
+                         out_bytes=out_bytes, saved_bytes=440,
+                         leaves=[Leaf("0.0", "Conv2d", 10, 100), Leaf("0.1", "ReLU", 100, 100)], leaf_saved=[40, 400])
     head = LayerProfile(index=1, name="L1", forward_s={1: MS}, backward_s={1: MS}, param_bytes=0, out_bytes=10,
                         saved_bytes=100)
+    return layer, head
+
+
+def test_backward_peak_sweeps_the_leaves():
+    """M_6: at leaf k the saved tensors up to k are alive with k's output and input gradients."""
+    layer, head = _conv_relu_and_head(param_bytes=0, out_bytes=100)
     prof = ModelProfile(layers=[layer, head], input_bytes=40)
     terms = {t.symbol: t.value for t in predict(Layout(), prof, FAST, global_batch=2).memory_terms}
     # all saved: 40 + 400 + 100 = 540 bytes per sample; at the ReLU (100 float32 in, 100 out): 40 + 400 saved
@@ -375,13 +381,9 @@ def test_backward_peak_sweeps_the_leaves():
 
 def test_tensor_parallel_activations_split_only_where_the_input_is_sharded():
     """M_4 under tp: a column-wise layer keeps its replicated input whole; what follows it on the shard splits."""
-    from lightning_distnn.planner import Leaf, TPCost
+    from lightning_distnn.planner import TPCost
 
-    layer = LayerProfile(index=0, name="L0", forward_s={1: MS}, backward_s={1: MS}, param_bytes=800, out_bytes=400,
-                         saved_bytes=440, leaves=[Leaf("0.0", "Conv2d", 10, 100), Leaf("0.1", "ReLU", 100, 100)],
-                         leaf_saved=[40, 400])
-    head = LayerProfile(index=1, name="L1", forward_s={1: MS}, backward_s={1: MS}, param_bytes=0, out_bytes=10,
-                        saved_bytes=100)
+    layer, head = _conv_relu_and_head(param_bytes=800, out_bytes=400)
     layer.tp[2] = TPCost(sharded=1.0, bytes_per_sample=0.0, collectives=1, out_sharded=True, sharded_in=["0.1"])
     head.tp[2] = TPCost(sharded=0.0, bytes_per_sample=0.0, collectives=0, out_sharded=False)
     prof = ModelProfile(layers=[layer, head], input_bytes=40)
