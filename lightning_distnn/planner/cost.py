@@ -252,6 +252,7 @@ def predict(
         c = layer.tp[tp]
         if not c.sharded_in and c.sharded > 0:  # a profile from before the per-leaf shards were recorded
             return None
+
         def share(leaf) -> float:
             if leaf.name in c.sharded_in:
                 return 1.0 / tp

@@ -201,8 +201,10 @@ def structural_bubble(records: list[TaskRecord], step: Optional[int] = None) -> 
     queues: dict[int, list[TaskRecord]] = defaultdict(list)
     for r in sorted((r for r in records if r.step == step and r.kind in COMPUTE), key=lambda r: r.start):
         queues[r.rank].append(r)
-    produced = {(("F" if r.kind == "F" else "B" if r.kind in ("B", "I") else "W"), r.stage, r.microbatch)
-                for q in queues.values() for r in q}
+    def made(r: TaskRecord) -> tuple[str, int, int]:  # what a task produces: an activation, a gradient, weights
+        return ("F" if r.kind == "F" else "B" if r.kind in ("B", "I") else "W", r.stage, r.microbatch)
+
+    produced = {made(r) for q in queues.values() for r in q}
     last_stage = max((r.stage for q in queues.values() for r in q), default=0)
 
     def needs(r: TaskRecord) -> Optional[tuple[str, int, int]]:
@@ -228,8 +230,7 @@ def structural_bubble(records: list[TaskRecord], step: Optional[int] = None) -> 
                 start = max(clock[rank], done.get(dep, 0.0) if dep is not None else 0.0)
                 clock[rank] = start + r.duration
                 busy[rank] += r.duration
-                key = ("F" if r.kind == "F" else "B" if r.kind in ("B", "I") else "W", r.stage, r.microbatch)
-                done[key] = max(done.get(key, 0.0), clock[rank])
+                done[made(r)] = max(done.get(made(r), 0.0), clock[rank])
                 position[rank] += 1
                 progress = True
     if any(position[rank] < len(queue) for rank, queue in queues.items()):
