@@ -227,7 +227,7 @@ def predict(
     """Predict one layout (see the module docstring); ``refused`` says why when it is over the memory budget."""
     check_layout(layout, profile, global_batch)
     L, P = layout, profile
-    tp, v, m = L.tp, (L.stages_per_rank if L.pp > 1 else 1), L.microbatches
+    tp, m = L.tp, L.microbatches
     mu = global_batch / L.dp / m
     tp_link = network.link_for(range(tp))
     dp_link = network.link_for(_dp_ranks(L))
@@ -473,7 +473,7 @@ def shared_cores(layout: Layout, profile: ModelProfile, compute: Sequence[float]
     is the longer of the critical path and that.
     """
     L, P = layout, profile
-    m, v = L.microbatches, (L.stages_per_rank if L.pp > 1 else 1)
+    m = L.microbatches
     mine = sum(compute[s] for s in per_rank[slow])  # slow: the rank on the critical path
     path_compute = m * mine + (sum(compute) - mine) / _loop_divisor(L)
     opt = {r: P.optimizer_s_per_param * rank_params[r] / P.element_size / P.profile_slowdown for r in per_rank}
