@@ -31,6 +31,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from lightning_distnn.parallel.tensor.accounting import module_numel
+
 PROFILE_VERSION = 4
 
 
@@ -210,7 +212,7 @@ def _sync(device: torch.device) -> None:
 def _leaf_sizes(net: nn.Sequential, sample: torch.Tensor) -> list[Leaf]:
     """Input/output elements per sample of every leaf (in execution order), from one forward of one sample."""
     leaves = _leaves(net)
-    sizes = _module_sizes(net, sample, [name for name, _ in leaves])
+    sizes = module_numel(net, sample, [name for name, _ in leaves])
     return [Leaf(name, type(leaf).__name__, *sizes[name]) for name, leaf in leaves if name in sizes]
 
 
@@ -383,22 +385,6 @@ def host_key() -> str:
     return f"{socket.gethostname()}|{boot}"
 
 
-def _module_sizes(net: nn.Module, sample: torch.Tensor, names: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """Input/output elements per sample of the named modules, from one forward of one sample."""
-    modules = dict(net.named_modules())
-    sizes: dict[str, tuple[int, int]] = {}
-    hooks = [modules[name].register_forward_hook(
-        lambda mod, inputs, output, name=name: sizes.__setitem__(name, (int(inputs[0].numel()), int(output.numel()))))
-        for name in names]
-    try:
-        with torch.no_grad():
-            net(sample)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sizes
-
-
 def tp_costs(net: nn.Sequential, tp: int, leaves: Sequence[Leaf], sample: Optional[torch.Tensor] = None) -> list[TPCost]:
     """Per top-level layer, what the automatic tensor-parallel plan of degree ``tp`` costs (see :class:`TPCost`)."""
     from lightning_distnn.parallel.tensor import REPLICATE, comm_bytes, plan_tp
@@ -408,7 +394,7 @@ def tp_costs(net: nn.Sequential, tp: int, leaves: Sequence[Leaf], sample: Option
     modules = dict(net.named_modules())
     missing = [e.name for e in plan.entries if e.name not in sizes and e.name in modules]
     if missing and sample is not None:  # sharded modules inside a block (a residual block's convolutions)
-        sizes.update(_module_sizes(net, sample, missing))
+        sizes.update(module_numel(net, sample, missing))
     out: list[TPCost] = []
     first = True
     for index, (name, block) in enumerate(net.named_children()):

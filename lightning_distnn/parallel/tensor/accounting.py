@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -64,24 +64,27 @@ def comm_bytes(plan: TPPlan, activation_numel: Mapping[str, tuple[int, int]], *,
     return {"sent": int(round(total)), "received": int(round(total))}
 
 
+def module_numel(module: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(input, output) elements of the named submodules of ``module`` in one forward of ``x`` without gradients."""
+    modules = dict(module.named_modules())
+    numel: dict[str, tuple[int, int]] = {}
+    hooks = [modules[name].register_forward_hook(
+        lambda mod, inputs, output, name=name: numel.__setitem__(name, (int(inputs[0].numel()), int(output.numel()))))
+        for name in names]
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return numel
+
+
 def activation_numel(module: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int]]:
     """(input, output) elements of every Conv2d/Linear of an *unsharded* ``module`` on input ``x``.
 
     The argument :func:`comm_bytes` takes, measured on one process before sharding: one forward
     without gradients in eval mode on a copy (so BatchNorm running statistics are not touched).
     """
-    numel: dict[str, tuple[int, int]] = {}
     probe = copy.deepcopy(module).eval()
-    hooks = []
-    for name, child in leaves(probe):
-        if isinstance(child, (nn.Conv2d, nn.Linear)):
-            def record(mod, inputs, output, name=name):
-                numel[name] = (inputs[0].numel(), output.numel())
-            hooks.append(child.register_forward_hook(record))
-    try:
-        with torch.no_grad():
-            probe(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return numel
+    return module_numel(probe, x, [name for name, child in leaves(probe) if isinstance(child, (nn.Conv2d, nn.Linear))])
