@@ -88,7 +88,21 @@ class StepTimer(pl.Callback):
             self.elapsed = time.perf_counter() - self.start
 
 
-def strategy_run(world, schedule, micro, partition, steps, batch, width, x, y, overlap=True):
+def message_seconds(strategy, micro, link):
+    """``transfer(from_stage, to_stage)`` for the link replay: the link's latency + one activation's bytes / its
+    bandwidth, the activation's size the mean over ranks of the bytes each sends forward per message."""
+    pipe = strategy.pipeline
+    remote = sum(1 for s in pipe.stage_indices
+                 if s < pipe.num_stages - 1 and pipe.plan.stage_ranks[s + 1] != pipe.pp_rank)
+    mine = [pipe.comm_bytes_per_step(training=False)["sent"] / (micro * remote) if remote else None]
+    sizes = [None] * dist.get_world_size()
+    dist.all_gather_object(sizes, mine[0])
+    sizes = [b for b in sizes if b]
+    seconds = link["latency_s"] + (statistics.mean(sizes) if sizes else 0.0) / link["bandwidth_Bps"]
+    return lambda a, b: seconds
+
+
+def strategy_run(world, schedule, micro, partition, steps, batch, width, x, y, overlap=True, link=None):
     module = make_module(width)
     timer = StepTimer(warmup=2)
     strategy = PipelineStrategy(schedule=schedule, microbatches=micro, partition=partition, timeout=120, overlap=overlap)
@@ -101,10 +115,15 @@ def strategy_run(world, schedule, micro, partition, steps, batch, width, x, y, o
     breakdown = getattr(strategy.pipeline, "breakdown", None)  # absent before issue 15
     dist.all_gather_object(parts, breakdown() if breakdown else {})
     per_rank = len(strategy.pipeline.stage_indices)
+    with_link = [float("nan")] * world
+    if link is not None:  # the same replay with the measured link: what the schedule and the wire cost, no runtime
+        transfer = message_seconds(strategy, micro, link)
+        dist.all_gather_object(with_link, strategy.pipeline.structural_bubble(records, transfer))
     return {
         "step_s": timer.elapsed / max(timer.steps, 1),
         "bubble": statistics.mean(b["measured"] for b in bubbles),
         "structural": statistics.mean(b["structural"] for b in bubbles),
+        "structural_link": statistics.mean(with_link),
         "theory": bubbles[0]["theory"],
         "parts": {k: statistics.mean(p.get(k, float("nan")) for p in parts) for k in parts[0]},
         "micro_compute_s": statistics.mean(p.get("compute", float("nan")) for p in parts) / (micro * per_rank),
@@ -233,9 +252,10 @@ def body(rank, world, args):
         for micro in (args.micro, 2 * args.micro):
             for overlap in overlaps:
                 r = strategy_run(world, schedule, micro, args.partition, args.steps, args.batch, args.width, x, y,
-                                 overlap=overlap)
+                                 overlap=overlap, link=out.get("link"))
                 out["bubble"][(schedule, micro, overlap)] = {
-                    k: r[k] for k in ("step_s", "bubble", "structural", "theory", "bytes", "parts", "micro_compute_s")
+                    k: r[k] for k in ("step_s", "bubble", "structural", "structural_link", "theory", "bytes", "parts",
+                                      "micro_compute_s")
                 }
                 if schedule == "1f1b" and micro == args.micro:
                     out["records"] = r["records"]
@@ -346,6 +366,7 @@ def _print_bubble(args, res):
         span = parts.get("span", float("nan"))
         rows.append({"schedule": schedule, "m": micro, "overlap": "on" if overlap else "off",
                      "bubble measured": r["bubble"], "structural": r.get("structural", float("nan")),
+                     "+ link": r.get("structural_link", float("nan")),
                      "bubble theory": r["theory"],
                      "measured/theory": r["bubble"] / r["theory"] if r["theory"] else float("nan"),
                      "measured/structural": r["bubble"] / r["structural"] if r.get("structural") else float("nan"),
@@ -359,13 +380,16 @@ def _print_bubble(args, res):
                      "p2p KiB sent/rank": r["bytes"]["sent"] / 1024})
     print(format_table(rows))
     print("(structural: the schedule replayed with this run's measured compute times and free communication;\n"
+          " + link: the same replay with every message taking the measured latency + bytes / bandwidth, sent in\n"
+          " the background; the measured bubble above it is the runtime's own cost;\n"
           " recv wait / send / other: fractions of the schedule step; outside: time between steps outside it)")
     on = {(s, m): r for (s, m, o), r in res["bubble"].items() if o}
     for micro in (args.micro, 2 * args.micro):
         if ("zbv_zero_bubble", micro) in on and ("1f1b", micro) in on:
             zbv, one = on[("zbv_zero_bubble", micro)], on[("1f1b", micro)]
             print(f"ZB-V bubble / 1F1B bubble (m={micro}, overlap on): measured {zbv['bubble'] / one['bubble']:.2f} "
-                  f"(target <= 0.5), structural {zbv['structural'] / one['structural']:.2f}")
+                  f"(target <= 0.5), structural {zbv['structural'] / one['structural']:.2f}, + link "
+                  f"{zbv.get('structural_link', float('nan')) / one.get('structural_link', float('nan')):.2f}")
     try:
         from lightning_distnn.parallel.pipeline.timeline import split_waits
     except ImportError:  # before issue 15

@@ -13,7 +13,10 @@ plus the best data-only, pipeline-only and tensor-only layouts are trained for a
 with ``lightning.Trainer``, interleaved (``--rounds``). Reported per scenario: the chosen layout and
 its measured images/s, the best measured layout and its images/s, regret = best/chosen - 1, and
 the prediction error |predicted - measured| / measured of every measured layout; predicted memory
-beside the measured growth of the resident set.
+beside the heap's peak. Where the chosen layout is not the fastest measured, the two are measured
+again head to head (``--confirm`` rounds, fresh processes) and ``head to head`` = max(0, chosen /
+best - 1) on those samples alone: the regret without the winner's curse (the fastest of several
+noisy measurements is luckier, on average, than its layout is fast).
 
 Calibration (``T_0``, the framework's time per step and per pipeline action, which no layer
 profile sees) is fitted on the first scenario of each world size and reused, out of sample, for
@@ -115,6 +118,7 @@ def _measure_cluster(sc: Scenario, args, calibration: Calibration) -> tuple:
     out = tempfile.mkdtemp(prefix="bench_planner_")
     job = {"scenario": asdict(sc), "calibration": asdict(calibration), "top": args.top, "steps": args.steps,
            "rounds": args.rounds, "repeats": args.repeats, "max_microbatches": args.max_microbatches,
+           "confirm": args.confirm,
            "out": os.path.join(out, "result.json")}
     path = os.path.join(out, "job.json")
     with open(path, "w") as f:
@@ -150,13 +154,31 @@ def worker(path: str) -> int:
     measured = measure_layouts_in_group([e.layout for e in chosen], build_network, fk,
                                         (3, sc.image_size, sc.image_size), global_batch=sc.global_batch,
                                         steps=job["steps"], rounds=job["rounds"])
+    pair = head_to_head_pair(plan.best.layout, chosen, measured)  # the same on every rank: measured is gathered
+    again = {}
+    if pair and job["confirm"]:
+        again = measure_layouts_in_group(pair, build_network, fk, (3, sc.image_size, sc.image_size),
+                                         global_batch=sc.global_batch, steps=job["steps"], rounds=job["confirm"])
     if rank == 0:
         with open(job["out"], "w") as f:
             json.dump({"profile": plan.profile.to_dict(), "network": plan.network.to_dict(),
-                       "layouts": [asdict(e.layout) for e in chosen], "measured": measured}, f)
+                       "layouts": [asdict(e.layout) for e in chosen], "measured": measured,
+                       "head_to_head": again}, f)
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def head_to_head_pair(choice, estimates: list, measured: dict) -> list:
+    """The planner's choice and the layout that measured fastest, when they differ (else ``[]``): measured again,
+    alone and interleaved, they give a regret free of the winner's curse (the fastest of several noisy
+    measurements is, on average, luckier than its layout is fast)."""
+    if choice.label not in measured:
+        return []
+    best = min(measured, key=lambda label: measured[label]["step_s"])
+    if best == choice.label:
+        return []
+    return [choice] + [e.layout for e in estimates if e.layout.label == best]
 
 
 def candidates(plan, top: int) -> list:
@@ -181,7 +203,8 @@ def run_cluster_scenario(sc: Scenario, args, calibration: Calibration) -> dict:
                   max_microbatches=args.max_microbatches)
     by_label = {e.layout.label: e for e in plan.ranked}
     chosen = [by_label[Layout(**{**d, "partition": tuple(d["partition"])}).label] for d in data["layouts"]]
-    return _report(sc, plan, chosen, data["measured"], time.perf_counter() - t0, calibration, None, args.rounds)
+    return _report(sc, plan, chosen, data["measured"], time.perf_counter() - t0, calibration, None, args.rounds,
+                   data.get("head_to_head") or {})
 
 
 def run_scenario(sc: Scenario, args, calibration: Calibration | None) -> dict:
@@ -211,11 +234,16 @@ def run_scenario(sc: Scenario, args, calibration: Calibration | None) -> dict:
                                     global_batch=sc.global_batch, steps=args.steps, rounds=args.rounds)
             measured.update(extra)
             chosen.append(plan.best)
-    return _report(sc, plan, chosen, measured, plan_s, calibration, fitted, args.rounds)
+    pair = head_to_head_pair(plan.best.layout, chosen, measured)
+    again = {}
+    if pair and args.confirm:
+        again = measure_layouts(pair, build_network, fk, (3, sc.image_size, sc.image_size),
+                                global_batch=sc.global_batch, steps=args.steps, rounds=args.confirm)
+    return _report(sc, plan, chosen, measured, plan_s, calibration, fitted, args.rounds, again)
 
 
 def _report(sc: Scenario, plan, chosen: list, measured: dict, plan_s: float, calibration, fitted,
-            rounds: int = 1) -> dict:
+            rounds: int = 1, again: dict | None = None) -> dict:
     rows = []
     for e in chosen:
         m = measured[e.layout.label]
@@ -237,8 +265,24 @@ def _report(sc: Scenario, plan, chosen: list, measured: dict, plan_s: float, cal
         "chosen": pick["layout"], "chosen_ips": sc.global_batch / pick["measured_s"],
         "best": best["layout"], "best_ips": sc.global_batch / best["measured_s"],
         "regret": None if math.isnan(pick["measured_s"]) else pick["measured_s"] / best["measured_s"] - 1,
+        "head_to_head": head_to_head(pick, best, again or {}),
         "layouts": rows, "winner_terms": {t.symbol: t.value for t in plan.best.terms},
     }
+
+
+def head_to_head(pick: dict, best: dict, again: dict) -> dict:
+    """The regret measured again on the pair alone (``again``: label -> summary): ``regret`` = max(0, chosen /
+    best - 1) on the new samples; 0 when the choice already measured fastest; ``None`` when not re-measured."""
+    if math.isnan(pick["measured_s"]):
+        return {"regret": None}
+    if pick["layout"] == best["layout"]:
+        return {"regret": 0.0}
+    if pick["layout"] not in again or best["layout"] not in again:
+        return {"regret": None}
+    c, b = again[pick["layout"]]["step_s"], again[best["layout"]]["step_s"]
+    return {"regret": max(0.0, c / b - 1), "chosen_s": c, "best_s": b,
+            "chosen_samples": again[pick["layout"]].get("samples", []),
+            "best_samples": again[best["layout"]].get("samples", [])}
 
 
 def seed_scenario(args) -> dict:
@@ -275,7 +319,8 @@ def seed_scenario(args) -> dict:
 def reanalyze(path: str, args) -> list[dict]:
     """Re-predict a finished run's measured layouts from its cached profiles with today's calibration rule.
 
-    Nothing is measured again: the measured step times are the run's. ``T_0`` is refitted on the
+    Nothing is measured again: the measured step times and links are the run's; the profiles come from the
+    cache (or are measured here, on one node). ``T_0`` is refitted on the
     first scenario of each world size (in sample, ``*``) and used for the others; a chosen layout the
     run did not measure has no regret (``None``).
     """
@@ -290,6 +335,13 @@ def reanalyze(path: str, args) -> list[dict]:
         plan = plan_layout(net, x, world_size=sc.world, global_batch=sc.global_batch, processes=sc.world,
                            factory=build_network, factory_kwargs=fk, cache_dir=args.cache_dir, repeats=args.repeats,
                            calibration=Calibration(), max_microbatches=args.max_microbatches)
+        profile, network = plan.profile, plan.network
+        if r.get("network"):  # the links the run measured (2 simulated nodes: not this machine's loopback)
+            from lightning_distnn.planner import Network
+
+            network = Network.from_dict(r["network"])
+            plan = search(profile, network, world_size=sc.world, global_batch=sc.global_batch,
+                          max_microbatches=args.max_microbatches)
         measured = {row["layout"]: row for row in r["layouts"]}
         raw = {e.layout.label: e for e in plan.ranked + plan.refused}
         in_sample = sc.world not in calibrations
@@ -297,7 +349,7 @@ def reanalyze(path: str, args) -> list[dict]:
             labels = [k for k in measured if k in raw]
             calibrations[sc.world] = fit_calibration([raw[k] for k in labels], [measured[k]["measured_s"] for k in labels])
         cal = calibrations[sc.world]
-        plan = search(plan.profile, plan.network, world_size=sc.world, global_batch=sc.global_batch, calibration=cal,
+        plan = search(profile, network, world_size=sc.world, global_batch=sc.global_batch, calibration=cal,
                       max_microbatches=args.max_microbatches)
         est = {e.layout.label: e for e in plan.ranked}
         rows = [{**row, "predicted_s": est[k].step_s, "error": abs(est[k].step_s - row["measured_s"]) / row["measured_s"],
@@ -337,6 +389,7 @@ def scenario_rows(results: list[dict]) -> list[dict]:
     return [{"scenario": r["scenario"]["name"] + (" *" if r["in_sample"] else ""), "chosen": r["chosen"],
              "chosen img/s": r["chosen_ips"], "best measured": r["best"], "best img/s": r["best_ips"],
              "regret": r["regret"] if r["regret"] is not None else "n/a",
+             "head to head": _h2h(r) if _h2h(r) is not None else "n/a",
              "noise": noise(r),
              "median error": statistics.median(row["error"] for row in r["layouts"]),
              "max error": max(row["error"] for row in r["layouts"]),
@@ -345,8 +398,13 @@ def scenario_rows(results: list[dict]) -> list[dict]:
              "load": f"{r['load'][0]:.0f}" if r.get("load") else ""} for r in results]
 
 
+def _h2h(result: dict):
+    return (result.get("head_to_head") or {}).get("regret")
+
+
 def summarize(results: list[dict]) -> dict:
     regrets = [r["regret"] for r in results if r["regret"] is not None]
+    confirmed = [_h2h(r) for r in results if _h2h(r) is not None]
     errors = sorted(row["error"] for r in results for row in r["layouts"])
     oos = sorted(row["error"] for r in results if not r["in_sample"] for row in r["layouts"])
 
@@ -362,6 +420,8 @@ def summarize(results: list[dict]) -> dict:
         "regret <= 5%": sum(r <= 0.05 for r in regrets) / len(regrets) if regrets else float("nan"),
         "regret <= max(5%, noise)": sum(within) / len(within) if within else float("nan"),
         "max regret": max(regrets) if regrets else float("nan"),
+        "regret <= 5%, head to head": sum(r <= 0.05 for r in confirmed) / len(confirmed) if confirmed else float("nan"),
+        "max regret, head to head": max(confirmed) if confirmed else float("nan"),
         "median error": statistics.median(errors) if errors else float("nan"),
         "p90 error": pct(errors, 0.9),
         "median error (out of sample)": statistics.median(oos) if oos else float("nan"),
@@ -401,6 +461,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--confirm", type=int, default=3,
+                   help="rounds of the head-to-head re-measurement of the choice against the fastest measured (0: none)")
     p.add_argument("--max-microbatches", type=int, default=16)
     p.add_argument("--cache-dir", default=os.path.join(os.path.dirname(__file__), "results", ".planner_cache"))
     p.add_argument("--seed-scenario", action="store_true")

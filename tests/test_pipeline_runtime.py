@@ -247,6 +247,15 @@ def test_structural_bubble_replays_the_schedule_with_free_communication():
     # rank 1: F0 1-2, I0 2-3, F1 3-4, W0 4-5, I1 5-6, W1 6-7 (6 of 7); rank 0: F0, F1, I0 waits for I0 of stage 1
     # (ends 3) 3-4, W0 4-5, I1 waits for 6: 6-7, W1 7-8 (6 of 8)
     assert got == pytest.approx({0: 2 / 8, 1: 1 / 7})
+    # the same GPipe step over a link: 0.5 per message, sent in the background. Rank 1's forwards start at 1.5
+    # and stream (F3 ends 5.5, B 5.5-13.5); rank 0's backwards wait for the gradients (8, 10, 12, 14): 12 of 16
+    equal = {(0, "F"): 1, (0, "B"): 2, (1, "F"): 1, (1, "B"): 2}
+    got = structural_bubble(_replay_input(gpipe, equal), transfer=lambda a, b: 0.5)
+    assert got == pytest.approx({0: 4 / 16, 1: 1.5 / 13.5})
+    # 1.5 per message, longer than a forward: the link sends one message at a time, activations land at 2.5, 4,
+    # 5.5, 7 (rank 1: F 2.5-8, B 8-16), gradients at 11.5, 13.5, 15.5, 17.5 (rank 0 ends at 19.5)
+    got = structural_bubble(_replay_input(gpipe, equal), transfer=lambda a, b: 1.5)
+    assert got == pytest.approx({0: 7.5 / 19.5, 1: 4 / 16})
     # a task waiting for one that never comes back in order cannot be replayed: NaN, not a guess
     stuck = {0: [(0, "B", 0), (0, "F", 0)], 1: [(1, "F", 0), (1, "B", 0)]}
     got = structural_bubble(_replay_input(stuck, {(0, "F"): 1, (0, "B"): 1, (1, "F"): 1, (1, "B"): 1}))

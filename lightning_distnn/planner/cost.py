@@ -15,7 +15,9 @@ micro-batch, ``C_r`` the sum of ``c_s`` over the ``v`` stages rank ``r`` holds, 
   each of their ``v`` rounds fills and drains alone.
 * ``T_2`` optimizer step over the parameters the slowest rank holds.
 * ``S_1`` pipeline sends: each micro-batch's activation forward and its gradient back at every
-  cut (point-to-point), on the critical path by the same formula as ``T_1``.
+  cut (point-to-point), as far as the compute does not hide them: the schedule's task order
+  replayed with the transfers, minus the same replay with free ones (:func:`replayed_transfers`);
+  every send on the critical path by the formula of ``T_1`` where the order is not known.
 * ``S_2`` tensor-parallel collectives inside every stage (all-reduce / all-gather per sharded pair),
   on the critical path.
 * ``S_3`` data-parallel synchronisation after the backward: a ring all-reduce of the rank's
@@ -34,7 +36,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from lightning_distnn.planner.links import Network
+from lightning_distnn.planner.links import Link, Network
 from lightning_distnn.planner.profile import ModelProfile
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
@@ -276,10 +278,11 @@ def predict(
             return layer.saved_bytes * shard(layer)
         return sum(sv * f_in for sv, (f_in, _) in zip(layer.leaf_saved, scales))
 
-    compute, p2p, tpcomm, params, saved, inbuf, ncoll = [], [], [], [], [], [], []
+    compute, p2p, tpcomm, params, saved, inbuf, ncoll, fwd_share = [], [], [], [], [], [], [], []
     for s, layers in enumerate(stages):
-        comp = sum((P.layers[i].time("forward", mu) + P.layers[i].time("backward", mu)) * shard(P.layers[i])
-                   for i in layers) / P.profile_slowdown
+        fwd = sum(P.layers[i].time("forward", mu) * shard(P.layers[i]) for i in layers) / P.profile_slowdown
+        comp = fwd + sum(P.layers[i].time("backward", mu) * shard(P.layers[i]) for i in layers) / P.profile_slowdown
+        fwd_share.append(fwd / comp if comp > 0 else 0.5)
         send = 0.0
         if s < len(stages) - 1:
             send += cut_link(s).p2p(P.layers[layers[-1]].out_bytes * mu)  # activation forward
@@ -300,7 +303,9 @@ def predict(
         p2p.append(send)
         tpcomm.append(coll)
         params.append(sum(P.layers[i].param_bytes * shard(P.layers[i]) for i in layers))
-        saved.append(sum(saved_per_sample(P.layers[i]) for i in layers) * mu)
+        first = P.layers[layers[0]]  # a stage's first layer holds the input it saves (the layer before is elsewhere)
+        held_input = first.input_shared * (leaf_scales(first)[0][0] if leaf_scales(first) else shard(first))
+        saved.append((sum(saved_per_sample(P.layers[i]) for i in layers) + held_input) * mu)
         inbuf.append((P.layers[layers[0] - 1].out_bytes if layers[0] > 0 else P.input_bytes) * mu
                      + (P.layers[layers[-1]].out_bytes * mu if L.pp > 1 else 0.0))  # a stage keeps its output for the backward
 
@@ -344,6 +349,18 @@ def predict(
     cal = calibration or Calibration()
     collectives = m * sum(ncoll[s] for s in per_rank[slow])
     scale = cal.compute_scale * share.factor
+    sends, sends_formula = path(p2p), "latency + bytes/bandwidth per cut, every send on the critical path"
+    if L.pp > 1:
+        # the schedule replayed with the transfers (sent in the background, each link one message at a time)
+        # against the same replay with free ones: only the transfers the compute does not hide count
+        sizes = [P.layers[stages[s][-1]].out_bytes * mu for s in range(len(stages) - 1)]
+        task_s = [(scale * c + t) * f for c, t, f in zip(compute, tpcomm, fwd_share)], \
+                 [(scale * c + t) * (1 - f) for c, t, f in zip(compute, tpcomm, fwd_share)]
+        replayed = replayed_transfers(L, *task_s, [cut_link(s) for s in range(len(stages) - 1)], sizes)
+        if replayed is not None:
+            sends = replayed
+            sends_formula = ("schedule replayed with latency + bytes/bandwidth per cut (sends in the background) "
+                             "- replayed with free transfers")
     terms = [
         Term("T_0", "framework per step (loop, data, logging) + per pipeline action / tp collective",
              cal.seconds(L, collectives),
@@ -355,7 +372,7 @@ def predict(
              + share.formula + (f", x {cal.compute_scale:.3g} (calibrated)" if cal.compute_scale != 1.0 else "")),
         Term("T_2", "optimizer step", scale * optimizer,
              "seconds/parameter x parameters on the slowest rank" + (f", x {share.factor:.3g} shared cores" if share.factor > 1 else "")),
-        Term("S_1", "pipeline activations + gradients per micro-batch", path(p2p), "latency + bytes/bandwidth per cut"),
+        Term("S_1", "pipeline activations + gradients per micro-batch, not hidden by compute", sends, sends_formula),
         Term("S_2", f"tensor-parallel collectives over tp={tp}" if tp > 1 else "tensor-parallel collectives (tp=1: none)",
              path(tpcomm), "per sharded pair, ring" if tp > 1 else ""),
         Term("S_3", sync_name, sync_s, sync_formula),
@@ -430,6 +447,52 @@ def predict(
             f"(largest term {worst.symbol} {worst.name}: {worst.value / 1e6:.4g} MB)"
         )
     return estimate
+
+
+def replayed_transfers(layout: Layout, forward_s: Sequence[float], backward_s: Sequence[float],
+                       links: Sequence[Link], sizes: Sequence[float]) -> Optional[float]:
+    """Seconds the pipeline's transfers add to a step of ``layout``'s schedule; ``None`` without its task order.
+
+    Every rank runs its forwards and backwards in the runtime's order (stage ``s`` takes
+    ``forward_s[s]`` / ``backward_s[s]`` per micro-batch) with
+    :func:`~lightning_distnn.parallel.pipeline.timeline.replay`, once with free transfers and once
+    with each activation (and its gradient back) crossing cut ``s`` in ``sizes[s] /
+    links[s].bandwidth`` seconds plus ``links[s].latency``: sent in the background (the sender goes
+    on computing), one message at a time per direction of a rank pair, received as soon as it lands
+    (the runtime posts every receive at the step's start). The difference of the two spans is what
+    the transfers cost beyond what the compute hides: a slow link's transfer overlaps the next
+    micro-batch's compute, and the schedule decides how much of that there is.
+    """
+    from lightning_distnn.parallel.pipeline.overlap import compute_orders
+    from lightning_distnn.parallel.pipeline.timeline import replay, task_makes, task_needs
+
+    L = layout
+    orders = compute_orders(L.schedule, L.pp, L.microbatches, L.stages_per_rank)
+    if orders is None:
+        return None
+    where = L.stage_ranks()
+    last = len(where) - 1
+    busy_until: dict[tuple[int, int], float] = {}
+
+    def deliver(task: tuple[str, int, int], end: float) -> float:
+        kind, s, _ = task
+        to = s + 1 if kind == "F" else s - 1
+        if not 0 <= to <= last or where[to] == where[s]:
+            return end
+        cut, pair = min(s, to), (where[s], where[to])
+        start = max(end, busy_until.get(pair, 0.0))
+        busy_until[pair] = start + sizes[cut] / links[cut].bandwidth
+        return busy_until[pair] + links[cut].latency
+
+    def span(**extra) -> Optional[float]:
+        result = replay(dict(orders), duration=lambda t: forward_s[t[1]] if t[0] == "F" else backward_s[t[1]],
+                        needs=lambda t: task_needs(*t, last), made=lambda t: task_makes(*t), **extra)
+        return None if result is None else max(result[0].values())
+
+    free, timed = span(), span(deliver=deliver)
+    if free is None or timed is None:
+        return None
+    return max(0.0, timed - free)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from torch import nn
 
 from lightning_distnn.parallel.tensor.accounting import module_numel
 
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5
 
 
 @dataclass
@@ -86,6 +86,10 @@ class LayerProfile:
     leaves: list[Leaf] = field(default_factory=list)
     tp: dict[int, "TPCost"] = field(default_factory=dict)
     leaf_saved: list[int] = field(default_factory=list)  # saved bytes per sample of each leaf (a storage counts once)
+    # bytes per sample of its input the layer saves and the layer before already saved (a ReLU's output that the
+    # next block's convolution saves as its input): counted there, not in ``saved_bytes``; a stage that starts
+    # with this layer holds them itself
+    input_shared: int = 0
 
     def time(self, kind: str, batch: float) -> float:
         """Seconds of ``kind`` ("forward" or "backward") at micro-batch ``batch``, piecewise linear in it."""
@@ -222,33 +226,41 @@ def _saved_bytes(layer: nn.Module, x: torch.Tensor) -> tuple[int, list[int]]:
     A storage saved by several leaves (a ReLU's output that the next pooling saves as its input)
     counts once, for the first leaf that saves it.
     """
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    return _saved_in_chain(nn.Sequential(layer), x)[0]
+
+
+def _saved_in_chain(net: nn.Sequential, x: torch.Tensor) -> list[tuple[int, list[int]]]:
+    """Per top-level layer of ``net``: the bytes autograd keeps for the backward (parameters excluded), in all and
+    per leaf, a storage counted once in the whole forward, for the first layer (and leaf) that saves it. Where a
+    layer saves its input and the layer before saved the same tensor as its output, the bytes fall on the layer
+    before."""
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
     seen: set[tuple[int, int]] = set()
-    leaves = [leaf for _, leaf in _leaves(layer)]
-    per_leaf = [0] * len(leaves)
-    current = [0]
+    per_layer = [[0] * len(_leaves(block)) for block in net.children()]
+    current = [0, 0]
 
     def pack(t: torch.Tensor):
         ptr = t.untyped_storage().data_ptr()
         key = (ptr, t.untyped_storage().nbytes())
         if ptr not in params and key not in seen:
             seen.add(key)
-            per_leaf[current[0]] += t.untyped_storage().nbytes()
+            per_layer[current[0]][current[1]] += t.untyped_storage().nbytes()
         return t
 
-    def enter(index):
+    def enter(layer, leaf):
         def hook(module, inputs):
-            current[0] = index
+            current[0], current[1] = layer, leaf
         return hook
 
-    hooks = [leaf.register_forward_pre_hook(enter(i)) for i, leaf in enumerate(leaves)]
+    hooks = [leaf.register_forward_pre_hook(enter(i, j))
+             for i, block in enumerate(net.children()) for j, (_, leaf) in enumerate(_leaves(block))]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer(x)
+            net(x)
     finally:
         for h in hooks:
             h.remove()
-    return sum(per_leaf), per_leaf
+    return [(sum(leaves), leaves) for leaves in per_layer]
 
 
 def default_microbatch_sizes(max_batch: int, *, cap: int = 16) -> list[int]:
@@ -344,6 +356,14 @@ def profile_model(
                 )
             )
             inputs = outputs
+        # a tensor saved by two neighbouring layers (one's output, the next one's input) is held once
+        top = sizes[-1]
+        for layer, (saved, leaf_saved) in zip(layers, _saved_in_chain(net, sample.expand(top, *sample.shape[1:]).contiguous())):
+            shared = layer.saved_bytes - saved // top
+            if shared > 0 and len(leaf_saved) == len(layer.leaf_saved):
+                layer.input_shared = int(shared)
+                layer.saved_bytes = int(saved // top)
+                layer.leaf_saved = [b // top for b in leaf_saved]
         optimizer_s = _optimizer_step_seconds(net, repeats=repeats)
         for degree in tp_degrees:
             for layer, cost in zip(layers, tp_costs(net, degree, leaves, sample)):

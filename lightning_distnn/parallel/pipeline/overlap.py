@@ -25,6 +25,7 @@ Private torch API (checked against torch 2.14.1, ``torch/distributed/pipelining/
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 from torch.distributed.pipelining import PipelineStage
@@ -63,6 +64,47 @@ def one_f_one_b_order(rank: int, microbatches: int, num_stages: int) -> list:
             order.append(_Action(rank, _Type.FORWARD, forward))
             forward += 1
     return order
+
+
+_KINDS = {"FORWARD": "F", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W"}
+
+
+@functools.lru_cache(maxsize=512)
+def compute_orders(schedule: str, pp_size: int, microbatches: int,
+                   stages_per_rank: int = 1) -> Optional[dict[int, tuple[tuple[str, int, int], ...]]]:
+    """Every pp rank's compute tasks in the order the runtime runs them, as ``(kind, stage, microbatch)``.
+
+    GPipe and 1F1B from :func:`gpipe_order` / :func:`one_f_one_b_order`; the multi-stage schedules
+    from torch's own ``pipeline_order``, built on placeholder stages by
+    ``torch.distributed.pipelining._schedule_visualizer.get_schedule_ops`` (private; ``None`` where
+    this torch lacks it or rejects the counts: callers fall back to a closed form). For the
+    planner's schedule replay (:func:`lightning_distnn.planner.cost.predict`), so no process group.
+    """
+    from lightning_distnn.parallel.pipeline.schedules import SCHEDULES, SINGLE_STAGE, schedule_name
+
+    name = schedule_name(schedule)
+    if not overlap_supported():
+        return None
+    if name in SINGLE_STAGE:
+        build = gpipe_order if name == "gpipe" else (lambda r, m: one_f_one_b_order(r, m, pp_size))
+        ranks = {r: build(r, microbatches) for r in range(pp_size)}
+    else:
+        try:
+            from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+
+            ops = get_schedule_ops(SCHEDULES[name], pp_size, microbatches, stages_per_rank)
+        except Exception:  # an older torch, or counts its schedule refuses
+            return None
+        ranks = dict(enumerate(ops))
+    out = {}
+    for rank, actions in ranks.items():
+        tasks = []
+        for a in actions:
+            kind = _KINDS.get(getattr(getattr(a, "computation_type", None), "name", ""))
+            if kind is not None:
+                tasks.append((kind, a.stage_index, a.microbatch_index))
+        out[rank] = tuple(tasks)
+    return out
 
 
 def early_receives(actions: list) -> list:

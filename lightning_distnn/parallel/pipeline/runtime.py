@@ -352,15 +352,18 @@ class Pipeline:
         fractions = {k: parts[k] / span if span > 0 else math.nan for k in ("recv_wait", "send", "other", "outside")}
         return {"measured": measured, "theory": theory, **fractions}
 
-    def structural_bubble(self, records: list) -> float:
+    def structural_bubble(self, records: list, transfer: Optional[Callable[[int, int], float]] = None) -> float:
         """This rank's structural bubble (:func:`~.timeline.structural_bubble`), mean over the measured steps.
 
         ``records``: the task records of every rank (``PipelineStrategy.gather_timeline()``); only those of
         this rank's pipeline group are replayed (other data-parallel replicas run the same stages).
+        ``transfer``: seconds per message between two stages, to replay with that link instead of free
+        communication.
         """
         members = set(dist.get_process_group_ranks(self.group))
         mine = [r for r in records if r.rank in members]
-        values = [structural_bubble(mine, step).get(self.timeline.rank, math.nan) for step in self._measured_steps()]
+        values = [structural_bubble(mine, step, transfer).get(self.timeline.rank, math.nan)
+                  for step in self._measured_steps()]
         return sum(values) / len(values) if values else math.nan
 
 

@@ -20,7 +20,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Hashable, Optional
 
 from torch.distributed.pipelining import PipelineStage
 
@@ -181,40 +181,25 @@ def split_waits(records: list[TaskRecord], step: Optional[int] = None) -> dict[i
     return dict(out)
 
 
-def structural_bubble(records: list[TaskRecord], step: Optional[int] = None) -> dict[int, float]:
-    """Per rank, the bubble its schedule would have with these compute times and free communication.
+def replay(
+    queues: dict[int, list[Any]],
+    *,
+    duration: Callable[[Any], float],
+    needs: Callable[[Any], Optional[Hashable]],
+    made: Callable[[Any], Hashable],
+    deliver: Optional[Callable[[Any, float], float]] = None,
+) -> Optional[tuple[dict[int, float], dict[int, float]]]:
+    """Run every rank's tasks in their order on an idealised machine; ``(end, busy)`` seconds per rank.
 
-    Replays one step (default: the last) from the records of every rank: each rank runs its compute
-    tasks (F/B/I/W) in the order it ran them and for as long as they took, each task starting once
-    its rank is free and its input exists (F of the stage before for a forward; B or I of the stage
-    after for a backward; I of the same stage for W), with no time for transfers and none for the
-    runtime's own work. The bubble of a rank is then ``1 - compute / span`` as in
-    :meth:`Timeline.bubble`, its span running from the step's start to its last task's end. This is
-    the schedule's structural bubble for the stage costs the run really had (unequal stages
-    included), where :func:`~lightning_distnn.parallel.pipeline.schedules.theoretical_bubble`
-    assumes equal ones; the measured bubble above it is what communication and the runtime cost.
-    NaN for every rank when the tasks cannot be replayed (a task waits for one that never runs).
+    ``queues``: rank -> its tasks in the order it runs them. A task starts once its rank is free and
+    what it ``needs`` (the key another task ``made``; ``None``: nothing) is there, and runs for its
+    ``duration``. A product used on the rank that made it is there when its task ends; on another
+    rank when ``deliver(task, end)`` says (default: at once, free communication). A key no task
+    makes is taken as given. ``None`` when the tasks cannot all run (one waits for a task behind it).
     """
-    if not records:
-        return {}
-    step = max(r.step for r in records) if step is None else step
-    queues: dict[int, list[TaskRecord]] = defaultdict(list)
-    for r in sorted((r for r in records if r.step == step and r.kind in COMPUTE), key=lambda r: r.start):
-        queues[r.rank].append(r)
-    def made(r: TaskRecord) -> tuple[str, int, int]:  # what a task produces: an activation, a gradient, weights
-        return ("F" if r.kind == "F" else "B" if r.kind in ("B", "I") else "W", r.stage, r.microbatch)
-
-    produced = {made(r) for q in queues.values() for r in q}
-    last_stage = max((r.stage for q in queues.values() for r in q), default=0)
-
-    def needs(r: TaskRecord) -> Optional[tuple[str, int, int]]:
-        if r.kind == "F":
-            return ("F", r.stage - 1, r.microbatch) if r.stage > 0 else None
-        if r.kind in ("B", "I"):
-            return ("B", r.stage + 1, r.microbatch) if r.stage < last_stage else ("F", r.stage, r.microbatch)
-        return ("B", r.stage, r.microbatch)  # W after its I
-
-    done: dict[tuple[str, int, int], float] = {}
+    produced = {made(t): rank for rank, q in queues.items() for t in q}
+    done: dict[Hashable, float] = {}
+    arrived: dict[Hashable, float] = {}
     clock = {rank: 0.0 for rank in queues}
     busy = {rank: 0.0 for rank in queues}
     position = {rank: 0 for rank in queues}
@@ -223,19 +208,87 @@ def structural_bubble(records: list[TaskRecord], step: Optional[int] = None) -> 
         progress = False
         for rank, queue in queues.items():
             while position[rank] < len(queue):
-                r = queue[position[rank]]
-                dep = needs(r)
-                if dep is not None and dep in produced and dep not in done:
-                    break
-                start = max(clock[rank], done.get(dep, 0.0) if dep is not None else 0.0)
-                clock[rank] = start + r.duration
-                busy[rank] += r.duration
-                done[made(r)] = max(done.get(made(r), 0.0), clock[rank])
+                task = queue[position[rank]]
+                dep = needs(task)
+                ready = 0.0
+                if dep is not None and dep in produced:
+                    there = done if produced[dep] == rank else arrived
+                    if dep not in there:
+                        break
+                    ready = there[dep]
+                start = max(clock[rank], ready)
+                clock[rank] = start + duration(task)
+                busy[rank] += duration(task)
+                key = made(task)
+                done[key] = max(done.get(key, 0.0), clock[rank])
+                arrived[key] = max(arrived.get(key, 0.0), deliver(task, clock[rank]) if deliver else clock[rank])
                 position[rank] += 1
                 progress = True
     if any(position[rank] < len(queue) for rank, queue in queues.items()):
+        return None
+    return clock, busy
+
+
+def structural_bubble(records: list[TaskRecord], step: Optional[int] = None,
+                      transfer: Optional[Callable[[int, int], float]] = None) -> dict[int, float]:
+    """Per rank, the bubble its schedule would have with these compute times and free communication.
+
+    Replays one step (default: the last) from the records of every rank with :func:`replay`: each
+    rank runs its compute tasks (F/B/I/W) in the order it ran them and for as long as they took,
+    each task starting once its rank is free and its input exists (F of the stage before for a
+    forward; B or I of the stage after for a backward; I of the same stage for W), with no time for
+    transfers and none for the runtime's own work. The bubble of a rank is then
+    ``1 - compute / span`` as in :meth:`Timeline.bubble`, its span running from the step's start to
+    its last task's end. This is the schedule's structural bubble for the stage costs the run really
+    had (unequal stages included), where
+    :func:`~lightning_distnn.parallel.pipeline.schedules.theoretical_bubble` assumes equal ones; the
+    measured bubble above it is what communication and the runtime cost. NaN for every rank when the
+    tasks cannot be replayed (a task waits for one that never runs).
+
+    ``transfer(from_stage, to_stage)``: seconds one message takes between two stages on different
+    ranks (latency + bytes / bandwidth, e.g. from ``measure_link``), sent in the background, one at a
+    time per direction of a rank pair. With it the replay is the schedule's bubble with this run's
+    compute *and* that link, so the measured bubble above it is the runtime's own cost alone.
+    """
+    if not records:
+        return {}
+    step = max(r.step for r in records) if step is None else step
+    queues: dict[int, list[TaskRecord]] = defaultdict(list)
+    for r in sorted((r for r in records if r.step == step and r.kind in COMPUTE), key=lambda r: r.start):
+        queues[r.rank].append(r)
+    last_stage = max((r.stage for q in queues.values() for r in q), default=0)
+    where = {r.stage: rank for rank, q in queues.items() for r in q}
+    free_at: dict[tuple[int, int], float] = {}
+
+    def deliver(r: TaskRecord, end: float) -> float:
+        to = r.stage + 1 if r.kind == "F" else r.stage - 1 if r.kind in ("B", "I") else -1
+        if to not in where or where[to] == r.rank:
+            return end
+        pair = (r.rank, where[to])
+        free_at[pair] = max(end, free_at.get(pair, 0.0)) + transfer(r.stage, to)
+        return free_at[pair]
+
+    result = replay(queues, duration=lambda r: r.duration, needs=lambda r: task_needs(r.kind, r.stage, r.microbatch, last_stage),
+                    made=lambda r: task_makes(r.kind, r.stage, r.microbatch), deliver=deliver if transfer else None)
+    if result is None:
         return {rank: math.nan for rank in queues}
+    clock, busy = result
     return {rank: max(0.0, 1.0 - busy[rank] / clock[rank]) if clock[rank] > 0 else math.nan for rank in queues}
+
+
+def task_makes(kind: str, stage: int, microbatch: int) -> tuple[str, int, int]:
+    """What a pipeline task produces: an activation (``F``), an input gradient (``B`` or ``I``), weight grads."""
+    return ("F" if kind == "F" else "B" if kind in ("B", "I") else "W", stage, microbatch)
+
+
+def task_needs(kind: str, stage: int, microbatch: int, last_stage: int) -> Optional[tuple[str, int, int]]:
+    """What a pipeline task waits for: the forward of the stage before; the backward of the stage after (the
+    last stage: its own forward); W its own I."""
+    if kind == "F":
+        return ("F", stage - 1, microbatch) if stage > 0 else None
+    if kind in ("B", "I"):
+        return ("B", stage + 1, microbatch) if stage < last_stage else ("F", stage, microbatch)
+    return ("B", stage, microbatch)
 
 
 def record_tasks(stage: PipelineStage, timeline: Timeline) -> None:
