@@ -366,6 +366,51 @@ def reanalyze(path: str, args) -> list[dict]:
     return out
 
 
+def fresh_memory(path: str, args) -> dict:
+    """Every measured layout of a finished run, its heap peak measured again alone, in fresh processes on one node,
+    beside the memory today's model predicts for it.
+
+    Why: the grid trains all of a scenario's layouts one after another in the same processes, and a layout's heap
+    peak there can include what the layouts before it left behind (seen: tensor-parallel and 4-rank layouts 17-29%
+    over their peak measured alone). Memory does not depend on the links, so a 2-node scenario's layouts are
+    measured on one node; a layout met in several scenarios (same model, batch, world) is measured once.
+    """
+    data = json.load(open(path))
+    done: dict = {}
+    for r in data["results"]:
+        sc = Scenario(**r["scenario"])
+        fk = _factory_kwargs(sc)
+        torch.manual_seed(0)
+        plan = plan_layout(build_network(**fk), torch.randn(1, 3, sc.image_size, sc.image_size), world_size=sc.world,
+                           global_batch=sc.global_batch, processes=sc.world, factory=build_network, factory_kwargs=fk,
+                           cache_dir=args.cache_dir, repeats=args.repeats, max_microbatches=args.max_microbatches)
+        est = {e.layout.label: e for e in plan.ranked + plan.refused}
+        for row in r["layouts"]:
+            if row["layout"] not in est:
+                continue
+            key = (json.dumps(fk, sort_keys=True), sc.global_batch, row["layout"])
+            if key not in done:
+                alone = measure_layouts([est[row["layout"]].layout], build_network, fk,
+                                        (3, sc.image_size, sc.image_size), global_batch=sc.global_batch, steps=1)
+                done[key] = alone[row["layout"]]["peak_heap_bytes"]
+                print(f"{sc.name}: {row['layout']}: predicted {est[row['layout']].memory_bytes / 1e6:.4g} MB, alone "
+                      f"{done[key] / 1e6:.4g} MB, in the grid {row['measured_mem'] / 1e6:.4g} MB", flush=True)
+            row["fresh_mem"], row["predicted_mem_now"] = done[key], est[row["layout"]].memory_bytes
+    rows = [row for r in data["results"] for row in r["layouts"] if row.get("fresh_mem", 0) > 0]
+    errors = [abs(row["predicted_mem_now"] - row["fresh_mem"]) / row["fresh_mem"] for row in rows]
+    grid = [abs(row["predicted_mem_now"] - row["measured_mem"]) / row["measured_mem"] for row in rows
+            if row["measured_mem"] and row["measured_mem"] > 0]
+    data["fresh_memory"] = {
+        "layouts": len(rows), "measured alone": len(done),
+        "median memory error (alone)": statistics.median(errors) if errors else float("nan"),
+        "memory within 15% (alone)": sum(e <= 0.15 for e in errors) / len(errors) if errors else float("nan"),
+        "max memory error (alone)": max(errors) if errors else float("nan"),
+        "median memory error (in the grid, today's model)": statistics.median(grid) if grid else float("nan"),
+        "memory within 15% (in the grid, today's model)": sum(e <= 0.15 for e in grid) / len(grid) if grid else float("nan"),
+    }
+    return data
+
+
 def round_spread(samples: list[float], rounds: int) -> float:
     """How far apart the rounds' medians of one layout are (max / min - 1): the noise between measurements of the
     same layout minutes apart, against which a regret can be read. NaN with one round."""
@@ -473,10 +518,19 @@ def main(argv=None) -> int:
     p.add_argument("--reanalyze", default="", help="a finished run's JSON: re-predict its measurements, measure nothing")
     p.add_argument("--scenario-timeout", type=float, default=1800.0, help="seconds per simulated-cluster scenario")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one rank of a cluster scenario
+    p.add_argument("--fresh-memory", default="", help="a finished run's JSON: measure every layout's heap peak again, "
+                   "alone in fresh processes, beside today's predicted memory (writes --out)")
     p.add_argument("--report", default="", help="a (partial) run's JSON: print its tables and summary, plot; measure nothing")
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker)
+    if args.fresh_memory:
+        data = fresh_memory(args.fresh_memory, args)
+        print("\n" + format_table([data["fresh_memory"]]))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(data, f, indent=1, default=str)
+        return 0
     if args.report:
         results = json.load(open(args.report))["results"]
         print(format_table(scenario_rows(results)))

@@ -63,6 +63,23 @@ def test_data_parallel_step_is_compute_plus_allreduce():
     assert Network.from_dict(costly.to_dict()) == costly
 
 
+def test_parameter_server_memory_is_held_by_the_server_rank():
+    """Sync mode: the server holds its parameters and states, and per remote worker a pushed gradient and the
+    parameters sent back; the workers keep no optimizer state (their optimizer never steps)."""
+    prof = hand_profile(param_bytes=10**6)
+    W = 4 * 10**6
+
+    def terms(**layout):
+        return {t.symbol: t.value for t in predict(Layout(**layout), prof, FAST, global_batch=32).memory_terms}
+
+    four = terms(dp=4, sync="parameter_server")
+    assert four["M_3"] == 0
+    assert four["M_5"] == pytest.approx(2 * W + 3 * (W + W))  # SGD with momentum: 1 state per parameter
+    assert terms(dp=2, sync="parameter_server")["M_5"] == pytest.approx(2 * W + (W + W))
+    assert terms(dp=4, sync="parameter_server", compression="fp16")["M_5"] == pytest.approx(2 * W + 3 * (W / 2 + W))
+    assert terms(dp=4)["M_3"] == W and terms(dp=4)["M_5"] == W  # all-reduce: the flat gradient copy
+
+
 def test_pipeline_step_is_bubble_formula():
     prof = hand_profile()
     m, p = 4, 2

@@ -26,8 +26,9 @@ micro-batch, ``C_r`` the sum of ``c_s`` over the ``v`` stages rank ``r`` holds, 
 Memory per rank (the largest over ranks): ``M_1`` parameters, ``M_2`` gradients, ``M_3``
 optimizer states (``optimizer_states`` x parameters: 1 for SGD with momentum, 2 for Adam),
 ``M_4`` activations autograd keeps for the micro-batches in flight (GPipe: ``m``; 1F1B: ``p - r``
-on pipeline rank ``r``), ``M_5`` communication buffers (the flat gradient copy of the all-reduce,
-the server's copy of the model).
+on pipeline rank ``r``), ``M_5`` communication buffers (the flat gradient copy of the all-reduce;
+the parameter server's copy of the model and its optimizer states, and per remote worker its pushed
+gradients and the parameters sent back).
 """
 
 from __future__ import annotations
@@ -415,12 +416,17 @@ def predict(
         acts = sum((saved[s] + inbuf[s]) * counts[s] for s in per_rank[r])
         grads_alive = max(transient(stages[s]) for s in per_rank[r])
         buffers = grad_wire[r] if L.dp > 1 and L.sync == "allreduce" else 0.0
-        if L.dp > 1 and L.sync == "parameter_server" and r == 0:
-            buffers = (2 + optimizer_states) * weights  # the server's parameters, optimizer states, received gradients
+        states = optimizer_states * weights
+        if L.dp > 1 and L.sync == "parameter_server":
+            states = 0.0  # a worker's optimizer never steps: the server applies it
+            # the server, colocated on rank 0: its parameters and optimizer states, and per remote worker the
+            # gradients it pushed and the parameters sent back to it (sync mode holds all of them at once)
+            buffers = (1 + optimizer_states) * weights + (L.dp - 1) * (grad_wire[r] + weights)
         memory_terms = [
             Term("M_1", "parameters", weights),
             Term("M_2", "gradients", weights),
-            Term("M_3", f"optimizer states ({optimizer_states} per parameter)", optimizer_states * weights),
+            Term("M_3", f"optimizer states ({optimizer_states} per parameter)"
+                 + (", on the server (M_5)" if L.dp > 1 and L.sync == "parameter_server" else ""), states),
             Term("M_4", "activations kept for backward, micro-batches in flight", acts),
             Term("M_5", "communication buffers", buffers),
             Term("M_6", "backward peak above M_4 (a leaf's output and input gradients, one micro-batch)", grads_alive),
