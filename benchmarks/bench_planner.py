@@ -6,6 +6,7 @@ One machine, CPU, gloo::
     python benchmarks/bench_planner.py --grid full --rounds 2 --out benchmarks/results/planner.json \\
         --plot benchmarks/results/planner_scatter.png
     python benchmarks/bench_planner.py --grid none --seed-scenario          # the seed's case study, 10 processes
+    python benchmarks/bench_planner.py --fresh-memory RUN.json --out RUN_memory.json   # every layout's peak, alone
 
 For every scenario (model, global batch, world size) the planner profiles the network in the
 scenario's processes, measures the links, and ranks every layout; then its top ``--top`` layouts
