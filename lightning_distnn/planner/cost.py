@@ -305,7 +305,8 @@ def predict(
         tpcomm.append(coll)
         params.append(sum(P.layers[i].param_bytes * shard(P.layers[i]) for i in layers))
         first = P.layers[layers[0]]  # a stage's first layer holds the input it saves (the layer before is elsewhere)
-        held_input = first.input_shared * (leaf_scales(first)[0][0] if leaf_scales(first) else shard(first))
+        first_scales = leaf_scales(first)
+        held_input = first.input_shared * (first_scales[0][0] if first_scales else shard(first))
         saved.append((sum(saved_per_sample(P.layers[i]) for i in layers) + held_input) * mu)
         inbuf.append((P.layers[layers[0] - 1].out_bytes if layers[0] > 0 else P.input_bytes) * mu
                      + (P.layers[layers[-1]].out_bytes * mu if L.pp > 1 else 0.0))  # a stage keeps its output for the backward
@@ -470,25 +471,18 @@ def replayed_transfers(layout: Layout, forward_s: Sequence[float], backward_s: S
     micro-batch's compute, and the schedule decides how much of that there is.
     """
     from lightning_distnn.parallel.pipeline.overlap import compute_orders
-    from lightning_distnn.parallel.pipeline.timeline import replay, task_makes, task_needs
+    from lightning_distnn.parallel.pipeline.timeline import over_links, replay, task_makes, task_needs
 
     L = layout
     orders = compute_orders(L.schedule, L.pp, L.microbatches, L.stages_per_rank)
     if orders is None:
         return None
-    where = L.stage_ranks()
-    last = len(where) - 1
-    busy_until: dict[tuple[int, int], float] = {}
+    last = L.num_stages - 1
+    send = over_links(dict(enumerate(L.stage_ranks())), lambda a, b: sizes[min(a, b)] / links[min(a, b)].bandwidth,
+                      lambda a, b: links[min(a, b)].latency)
 
     def deliver(task: tuple[str, int, int], end: float) -> float:
-        kind, s, _ = task
-        to = s + 1 if kind == "F" else s - 1
-        if not 0 <= to <= last or where[to] == where[s]:
-            return end
-        cut, pair = min(s, to), (where[s], where[to])
-        start = max(end, busy_until.get(pair, 0.0))
-        busy_until[pair] = start + sizes[cut] / links[cut].bandwidth
-        return busy_until[pair] + links[cut].latency
+        return send(task[0], task[1], end)
 
     def span(**extra) -> Optional[float]:
         result = replay(dict(orders), duration=lambda t: forward_s[t[1]] if t[0] == "F" else backward_s[t[1]],

@@ -216,9 +216,9 @@ def replay(
                     if dep not in there:
                         break
                     ready = there[dep]
-                start = max(clock[rank], ready)
-                clock[rank] = start + duration(task)
-                busy[rank] += duration(task)
+                took = duration(task)
+                clock[rank] = max(clock[rank], ready) + took
+                busy[rank] += took
                 key = made(task)
                 done[key] = max(done.get(key, 0.0), clock[rank])
                 arrived[key] = max(arrived.get(key, 0.0), deliver(task, clock[rank]) if deliver else clock[rank])
@@ -257,23 +257,38 @@ def structural_bubble(records: list[TaskRecord], step: Optional[int] = None,
     for r in sorted((r for r in records if r.step == step and r.kind in COMPUTE), key=lambda r: r.start):
         queues[r.rank].append(r)
     last_stage = max((r.stage for q in queues.values() for r in q), default=0)
-    where = {r.stage: rank for rank, q in queues.items() for r in q}
-    free_at: dict[tuple[int, int], float] = {}
-
-    def deliver(r: TaskRecord, end: float) -> float:
-        to = r.stage + 1 if r.kind == "F" else r.stage - 1 if r.kind in ("B", "I") else -1
-        if to not in where or where[to] == r.rank:
-            return end
-        pair = (r.rank, where[to])
-        free_at[pair] = max(end, free_at.get(pair, 0.0)) + transfer(r.stage, to)
-        return free_at[pair]
-
+    deliver = None
+    if transfer is not None:
+        send = over_links({r.stage: rank for rank, q in queues.items() for r in q}, transfer)
+        deliver = lambda r, end: send(r.kind, r.stage, end)  # noqa: E731
     result = replay(queues, duration=lambda r: r.duration, needs=lambda r: task_needs(r.kind, r.stage, r.microbatch, last_stage),
-                    made=lambda r: task_makes(r.kind, r.stage, r.microbatch), deliver=deliver if transfer else None)
+                    made=lambda r: task_makes(r.kind, r.stage, r.microbatch), deliver=deliver)
     if result is None:
         return {rank: math.nan for rank in queues}
     clock, busy = result
     return {rank: max(0.0, 1.0 - busy[rank] / clock[rank]) if clock[rank] > 0 else math.nan for rank in queues}
+
+
+def over_links(where: dict[int, int], occupy: Callable[[int, int], float],
+               latency: Optional[Callable[[int, int], float]] = None) -> Callable[[str, int, float], float]:
+    """``send(kind, stage, end)``: when what a task of ``stage`` made at ``end`` reaches the stage that needs it.
+
+    ``where``: stage -> rank. A forward's activation goes to the next stage, a backward's (or input
+    gradient's) to the one before; on the same rank it is there at once. Between two ranks it is
+    sent in the background over their link, which carries one message at a time per direction for
+    ``occupy(from_stage, to_stage)`` seconds, and lands ``latency(from_stage, to_stage)`` later.
+    """
+    busy_until: dict[tuple[int, int], float] = {}
+
+    def send(kind: str, stage: int, end: float) -> float:
+        to = stage + 1 if kind == "F" else stage - 1 if kind in ("B", "I") else -1
+        if to not in where or where[to] == where[stage]:
+            return end
+        pair = (where[stage], where[to])
+        busy_until[pair] = max(end, busy_until.get(pair, 0.0)) + occupy(stage, to)
+        return busy_until[pair] + (latency(stage, to) if latency else 0.0)
+
+    return send
 
 
 def task_makes(kind: str, stage: int, microbatch: int) -> tuple[str, int, int]:
