@@ -48,9 +48,10 @@ def test_bad_link_names_the_value_and_the_fix(bad):
         parse_link(bad)
 
 
-def test_tbf_burst_holds_a_gso_packet():
-    args = tbf_args(2 * 10**7)
-    assert args[:3] == ["tbf", "rate", "20000000bit"] and int(args[4]) >= 64 * 1024
+def test_tbf_burst_is_a_millisecond_of_traffic():
+    args = tbf_args(10**9)
+    assert args[:3] == ["tbf", "rate", "1000000000bit"] and int(args[4]) == 125_000
+    assert int(tbf_args(10**8)[4]) == 16 * 1024  # the floor: 1 ms at 100 Mbit/s is 12.5 KB
 
 
 def test_plan_names_addresses_and_prints_a_table():
@@ -182,6 +183,11 @@ def test_link_carries_its_configured_rate(cluster):
         cluster.set_link(link)
         measured = cluster.measure_link(0, 1, seconds=1.5)
         assert abs(measured / parse_link(link) - 1) < 0.15, f"{link}: measured {measured / 1e6:.1f} Mbit/s"
+    # a short message after a pause is no faster than the rate: the shaper's bucket holds 1 ms, not 10
+    # (a 10 ms bucket carried these 250 KB at about twice the rate)
+    cluster.set_link("100mbit")
+    short = cluster.measure_link(0, 1, seconds=0.02)
+    assert short / 10**8 < 1.2, f"250 KB after a pause crossed at {short / 1e6:.0f} Mbit/s on a 100 Mbit/s link"
     cluster.set_link("1gbit")  # the training jobs below need no particular speed
 
 
