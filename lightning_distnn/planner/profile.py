@@ -33,7 +33,7 @@ from torch import nn
 
 from lightning_distnn.parallel.tensor.accounting import module_numel
 
-PROFILE_VERSION = 5
+PROFILE_VERSION = 6
 
 
 @dataclass
@@ -315,15 +315,21 @@ def profile_model(
         by_layer: dict[str, list[Leaf]] = {}
         for leaf in leaves:
             by_layer.setdefault(leaf.name.split(".")[0], []).append(leaf)
-        inputs = {b: sample.expand(b, *sample.shape[1:]).contiguous() for b in sizes}
-        layers: list[LayerProfile] = []
-        for index, (name, block) in enumerate(net.named_children()):
-            fwd: dict[int, float] = {}
-            bwd: dict[int, float] = {}
-            outputs = {}
-            for b, x in inputs.items():
-                f_samples, b_samples = [], []
-                for r in range(warmup + repeats):
+        blocks = list(net.named_children())
+        top = sizes[-1]
+        # rounds: every round times every layer at every size, in the order training runs them, and a
+        # layer's figure is its median over the rounds, so a pause of the machine costs one round of
+        # every layer, not all the samples of one layer (which skewed the stage split and T_1)
+        f_samples = {(i, b): [] for i in range(len(blocks)) for b in sizes}
+        b_samples = {(i, b): [] for i in range(len(blocks)) for b in sizes}
+        chain: list[dict[int, torch.Tensor]] = []  # each layer's inputs, then the last one's outputs (last round)
+        for r in range(warmup + repeats):
+            current = {b: sample.expand(b, *sample.shape[1:]).contiguous() for b in sizes}
+            chain = []
+            for index, (name, block) in enumerate(blocks):
+                chain.append(current)
+                outputs = {}
+                for b, x in current.items():
                     inp = x.detach().requires_grad_(index > 0 and x.is_floating_point())
                     _sync(device)
                     t0 = time.perf_counter()
@@ -335,11 +341,17 @@ def profile_model(
                     _sync(device)
                     t2 = time.perf_counter()
                     if r >= warmup:
-                        f_samples.append(t1 - t0)
-                        b_samples.append(t2 - t1)
-                fwd[b], bwd[b] = statistics.median(f_samples), statistics.median(b_samples)
-                outputs[b] = out.detach()
-            top = sizes[-1]
+                        f_samples[index, b].append(t1 - t0)
+                        b_samples[index, b].append(t2 - t1)
+                    outputs[b] = out.detach()
+                current = outputs
+            chain.append(current)  # the last layer's outputs
+        layers: list[LayerProfile] = []
+        for index, (name, block) in enumerate(blocks):
+            fwd = {b: statistics.median(f_samples[index, b]) for b in sizes}
+            bwd = {b: statistics.median(b_samples[index, b]) for b in sizes}
+            inputs = chain[index]
+            outputs = chain[index + 1]
             saved, leaf_saved = _saved_bytes(block, inputs[top].detach().requires_grad_(index > 0))
             saved //= top
             layers.append(
@@ -355,9 +367,7 @@ def profile_model(
                     leaf_saved=[b // top for b in leaf_saved],
                 )
             )
-            inputs = outputs
         # a tensor saved by two neighbouring layers (one's output, the next one's input) is held once
-        top = sizes[-1]
         for layer, (saved, leaf_saved) in zip(layers, _saved_in_chain(net, sample.expand(top, *sample.shape[1:]).contiguous())):
             shared = layer.saved_bytes - saved // top
             if shared > 0 and len(leaf_saved) == len(layer.leaf_saved):
