@@ -39,7 +39,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import torch
+# one thread per rank, as everywhere on this machine; every process of the grid inherits it (a shell without it
+# ran two threads per rank on two cores: the planner modelled the oversubscription, the steps swung 10x)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 

@@ -353,6 +353,25 @@ def test_profile_measures_every_layer_and_round_trips():
     assert "| layer | name |" in str(prof)
 
 
+def test_profile_times_the_layers_in_rounds():
+    """Every round runs every layer at every size in training's order, so a pause of the machine costs one
+    round of all the layers (dropped by the median), not every sample of one layer."""
+    calls: list[tuple[int, int]] = []
+
+    class Logged(torch.nn.Linear):
+        def forward(self, x):
+            calls.append((self.index, x.shape[0]))
+            return super().forward(x)
+
+    net = torch.nn.Sequential(*[Logged(4, 4) for _ in range(3)])
+    for i, layer in enumerate(net):
+        layer.index = i
+    profile_model(net, torch.randn(1, 4), microbatch_sizes=(1, 2), repeats=3, warmup=1, tp_degrees=[])
+    one_round = [(layer, b) for layer in range(3) for b in (1, 2)]
+    text = repr(calls)
+    assert repr(one_round * 4)[1:-1] in text, calls  # warm-up + 3 rounds, back to back
+
+
 def test_a_tensor_two_layers_save_is_held_once_except_across_a_stage_cut():
     """Layer 0 ends in a ReLU, which saves its output; layer 1's Linear saves the same tensor as its input."""
     net = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU()),
@@ -427,6 +446,9 @@ def test_in_flight_follows_the_schedules():
     # then one more forward before its first backward: stage 0 twice, stage 2 twice, stage 0 again
     inter = Layout(pp=2, schedule="interleaved_1f1b", microbatches=4, partition=(1, 1, 1, 1), stages_per_rank=2)
     assert in_flight(inter, 0) == {0: 3, 2: 2} and in_flight(inter, 1) == {1: 2, 3: 1}
+    # the runtime's order on rank 0 is F0.0 F0.1 F2.0 F2.1 F0.2 B2.0 F0.3 B2.1 ...: after F0.3 stage 0 holds 4
+    # micro-batches and stage 2 one; when stage 0's are the heavy ones, that is the peak (3 + 2 undercounted it)
+    assert in_flight(inter, 0, {0: 10.0, 2: 1.0}) == {0: 4, 2: 1}
 
 
 def _conv_relu_and_head(*, param_bytes: int, out_bytes: int) -> tuple:

@@ -413,7 +413,7 @@ def predict(
     best: Optional[list[Term]] = None
     for r in per_rank:
         weights = rank_params[r]
-        counts = in_flight(L, r)
+        counts = in_flight(L, r, {s: saved[s] + inbuf[s] for s in per_rank[r]})
         acts = sum((saved[s] + inbuf[s]) * counts[s] for s in per_rank[r])
         grads_alive = max(transient(stages[s]) for s in per_rank[r])
         buffers = grad_wire[r] if L.dp > 1 and L.sync == "allreduce" else 0.0
@@ -564,19 +564,43 @@ def shared_cores(layout: Layout, profile: ModelProfile, compute: Sequence[float]
     return SharedCores(path_compute, optimizer, heaviest, slots, ranks, factor, busy, formula)
 
 
-def in_flight(layout: Layout, pp_rank: int) -> dict[int, int]:
+def in_flight(layout: Layout, pp_rank: int, stage_bytes: Optional[dict[int, float]] = None) -> dict[int, int]:
     """Micro-batches whose activations stage ``s`` of ``pp_rank`` holds at the schedule's peak: ``{stage: count}``.
 
-    The counts follow torch's schedules: GPipe runs every forward first (``m`` on every stage);
-    1F1B warms up with ``min(m, p - r)`` forwards, then alternates backward and forward; interleaved
-    1F1B warms up with ``(v - 1) k + 2 (p - 1 - r)`` chunk-forwards (``k`` micro-batches per round),
-    then runs a forward before each backward (one more), taking local stages in turns of ``k``.
+    Walks the rank's tasks in the order the runtime runs them (:func:`~lightning_distnn.parallel.pipeline.overlap.compute_orders`):
+    a forward of stage ``s`` adds a micro-batch's activations, its backward frees them (with a split
+    backward, its weight-gradient task, which still needs the layers' inputs). The peak is the moment
+    the held ``stage_bytes`` (bytes per micro-batch per stage; default 1 each) are largest: an
+    interleaved rank can hold more micro-batches of its first stage than the warm-up alone does, while
+    its later stage drains. Without the runtime's order, the closed forms: GPipe ``m`` on every stage,
+    1F1B ``min(m, p - r)``, interleaved 1F1B ``(v - 1) k + 2 (p - 1 - r)`` warm-up chunk-forwards (``k``
+    micro-batches per round) and one more, in turns of ``k``.
     """
     L, r = layout, pp_rank
     stages = [s for s, rank in enumerate(L.stage_ranks()) if rank == r] if L.pp > 1 else [0]
     m, p, v = L.microbatches, L.pp, L.stages_per_rank
     if L.pp == 1:
         return {0: 1}
+    weight = stage_bytes or {s: 1.0 for s in stages}
+    orders = None
+    if L.schedule not in ("gpipe", "1f1b"):  # GPipe and 1F1B: the closed forms are the walk's result
+        from lightning_distnn.parallel.pipeline.overlap import compute_orders
+
+        orders = compute_orders(L.schedule, L.pp, L.microbatches, L.stages_per_rank)
+    if orders is not None and r in orders:
+        tasks = orders[r]
+        frees = "W" if any(kind == "W" for kind, _, _ in tasks) else "B"
+        held = {s: 0 for s in stages}
+        best, peak = dict(held), -1.0
+        for kind, stage, _ in tasks:
+            if kind == "F":
+                held[stage] = held.get(stage, 0) + 1
+                total = sum(weight.get(s, 0.0) * n for s, n in held.items())
+                if total > peak:
+                    best, peak = dict(held), total
+            elif kind == frees:
+                held[stage] -= 1
+        return best
     if L.schedule == "gpipe":
         return {s: m for s in stages}
     if L.schedule == "1f1b":
