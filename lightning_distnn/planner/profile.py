@@ -322,12 +322,12 @@ def profile_model(
         # every layer, not all the samples of one layer (which skewed the stage split and T_1)
         f_samples = {(i, b): [] for i in range(len(blocks)) for b in sizes}
         b_samples = {(i, b): [] for i in range(len(blocks)) for b in sizes}
-        chain: list[dict[int, torch.Tensor]] = []  # each layer's inputs, then the last one's outputs (last round)
+        chain: list[torch.Tensor] = []  # each layer's input at the largest size, then the last one's output (last round)
         for r in range(warmup + repeats):
             current = {b: sample.expand(b, *sample.shape[1:]).contiguous() for b in sizes}
             chain = []
             for index, (name, block) in enumerate(blocks):
-                chain.append(current)
+                chain.append(current[top])
                 outputs = {}
                 for b, x in current.items():
                     inp = x.detach().requires_grad_(index > 0 and x.is_floating_point())
@@ -345,14 +345,12 @@ def profile_model(
                         b_samples[index, b].append(t2 - t1)
                     outputs[b] = out.detach()
                 current = outputs
-            chain.append(current)  # the last layer's outputs
+            chain.append(current[top])  # the last layer's output
         layers: list[LayerProfile] = []
         for index, (name, block) in enumerate(blocks):
             fwd = {b: statistics.median(f_samples[index, b]) for b in sizes}
             bwd = {b: statistics.median(b_samples[index, b]) for b in sizes}
-            inputs = chain[index]
-            outputs = chain[index + 1]
-            saved, leaf_saved = _saved_bytes(block, inputs[top].detach().requires_grad_(index > 0))
+            saved, leaf_saved = _saved_bytes(block, chain[index].detach().requires_grad_(index > 0))
             saved //= top
             layers.append(
                 LayerProfile(
@@ -361,7 +359,7 @@ def profile_model(
                     forward_s=fwd,
                     backward_s=bwd,
                     param_bytes=sum(p.numel() * p.element_size() for p in block.parameters()),
-                    out_bytes=outputs[top][0].numel() * outputs[top].element_size(),
+                    out_bytes=chain[index + 1][0].numel() * chain[index + 1].element_size(),
                     saved_bytes=int(saved),
                     leaves=by_layer.get(name, []),
                     leaf_saved=[b // top for b in leaf_saved],
