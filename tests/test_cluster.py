@@ -184,10 +184,11 @@ def test_link_carries_its_configured_rate(cluster):
         measured = cluster.measure_link(0, 1, seconds=1.5)
         assert abs(measured / parse_link(link) - 1) < 0.15, f"{link}: measured {measured / 1e6:.1f} Mbit/s"
     # a short message after a pause is no faster than the rate: the shaper's bucket holds 1 ms, not 10
-    # (a 10 ms bucket carried these 250 KB at about twice the rate)
+    # (a 10 ms bucket carried these 250 KB at 1.8x the rate). The receiver times first to last byte, so a
+    # late wake-up can only make one transfer look faster: the slowest of three is the link's
     cluster.set_link("100mbit")
-    short = cluster.measure_link(0, 1, seconds=0.02)
-    assert short / 10**8 < 1.2, f"250 KB after a pause crossed at {short / 1e6:.0f} Mbit/s on a 100 Mbit/s link"
+    short = min(cluster.measure_link(0, 1, seconds=0.02) for _ in range(3))
+    assert short / 10**8 < 1.3, f"250 KB after a pause crossed at {short / 1e6:.0f} Mbit/s on a 100 Mbit/s link"
     cluster.set_link("1gbit")  # the training jobs below need no particular speed
 
 
