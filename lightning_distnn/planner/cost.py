@@ -568,8 +568,7 @@ def in_flight(layout: Layout, pp_rank: int, stage_bytes: Optional[dict[int, floa
     """Micro-batches whose activations stage ``s`` of ``pp_rank`` holds at the schedule's peak: ``{stage: count}``.
 
     Walks the rank's tasks in the order the runtime runs them (:func:`~lightning_distnn.parallel.pipeline.overlap.compute_orders`):
-    a forward of stage ``s`` adds a micro-batch's activations, its backward frees them (with a split
-    backward, its weight-gradient task, which still needs the layers' inputs). The peak is the moment
+    a forward of stage ``s`` adds a micro-batch's activations, its backward frees them. The peak is the moment
     the held ``stage_bytes`` (bytes per micro-batch per stage; default 1 each) are largest: an
     interleaved rank can hold more micro-batches of its first stage than the warm-up alone does, while
     its later stage drains. Without the runtime's order, the closed forms: GPipe ``m`` on every stage,
@@ -588,18 +587,13 @@ def in_flight(layout: Layout, pp_rank: int, stage_bytes: Optional[dict[int, floa
 
         orders = compute_orders(L.schedule, L.pp, L.microbatches, L.stages_per_rank)
     if orders is not None and r in orders:
-        tasks = orders[r]
-        frees = "W" if any(kind == "W" for kind, _, _ in tasks) else "B"
         held = {s: 0 for s in stages}
         best, peak = dict(held), -1.0
-        for kind, stage, _ in tasks:
-            if kind == "F":
-                held[stage] = held.get(stage, 0) + 1
-                total = sum(weight.get(s, 0.0) * n for s, n in held.items())
-                if total > peak:
-                    best, peak = dict(held), total
-            elif kind == frees:
-                held[stage] -= 1
+        for kind, stage, _ in orders[r]:  # the planner's schedules run full backwards (B), no split I/W
+            held[stage] += 1 if kind == "F" else -1
+            total = sum(weight.get(s, 0.0) * n for s, n in held.items())
+            if kind == "F" and total > peak:
+                best, peak = dict(held), total
         return best
     if L.schedule == "gpipe":
         return {s: m for s in stages}
