@@ -3,11 +3,13 @@
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_distnn  # noqa: F401
 from lightning_distnn.strategies import AutoStrategy, HybridStrategy
 from lightning_distnn.testing import assert_state_dicts_close, run_distributed
+from lightning_distnn.models import ImageClassifier
 from lightning_distnn.testing.equivalence import digits_tensors, quiet_trainer, reference_train, tiny_classifier
 
 STEPS, GLOBAL = 3, 16
@@ -63,3 +65,46 @@ def test_auto_equals_its_layout_by_hand_and_one_process(tmp_path):
         assert r["describe"].startswith("AutoStrategy(planned: ")
         assert_state_dicts_close(r["auto"], r["hand"], atol=1e-5)
         assert_state_dicts_close(r["auto"], expected, atol=1e-5)
+
+
+class _Residual(nn.Module):
+    """Not a chain: the head reads the stem's output plus the block's (nothing to cut or shard)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32))
+        self.block = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.head(h + torch.relu(self.block(h)))
+
+
+def _residual_classifier() -> ImageClassifier:
+    torch.manual_seed(0)
+    return ImageClassifier(_Residual())
+
+
+def _auto_on_residual(rank, world_size, cache_dir):
+    x, y = digits_tensors(STEPS * GLOBAL)
+    auto = AutoStrategy(timeout=60, cache_dir=cache_dir)
+    module = _residual_classifier()
+    quiet_trainer(auto, devices=world_size, max_steps=STEPS).fit(
+        module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=GLOBAL)
+    )
+    state = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
+    return {"state": state, "layouts": sorted(e.layout.label for e in auto.plan.ranked), "why": auto.data_parallel_only,
+            "rendered": auto.plan.render(top=3), "describe": auto.describe()}
+
+
+@pytest.mark.slow
+def test_auto_on_a_network_that_is_not_a_chain_plans_data_parallel(tmp_path):
+    results = run_distributed(_auto_on_residual, 2, str(tmp_path), timeout=300)
+    x, y = digits_tensors(STEPS * GLOBAL)
+    expected = reference_train(_residual_classifier(), x, y, GLOBAL, STEPS)
+    for r in results:
+        assert r["layouts"] == ["dp2"]  # no pipeline or tensor-parallel layout of a network it cannot cut
+        assert "_Residual is not a chain of layers" in r["why"] and r["why"] in r["rendered"]
+        assert r["describe"] == "AutoStrategy(planned: dp2)"
+        assert_state_dicts_close(r["state"], expected, atol=1e-5)

@@ -24,11 +24,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional, Sequence
 
+from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_distnn.parallel.chain import chain_as_sequential
 from lightning_distnn.parallel.pipeline import resolve_stages_per_rank, schedule_name
+from lightning_distnn.parallel.traced import network_of
 from lightning_distnn.strategies._common import Timeout, rebuilt_loader, sequential_of
 from lightning_distnn.strategies._example import ENTRY_POINTS, example_inputs
 from lightning_distnn.strategies.hybrid import HybridStrategy
@@ -81,6 +83,7 @@ class AutoStrategy(HybridStrategy):
         self.cache_dir = cache_dir
         self.plan = None
         self.global_batch: Optional[int] = None
+        self.data_parallel_only: Optional[str] = None  # why the planner considered data-parallel layouts only
 
     @override
     def build_layout(self) -> None:
@@ -97,13 +100,23 @@ class AutoStrategy(HybridStrategy):
         from lightning_distnn.planner import plan_layout
 
         module = self.lightning_module
-        _, network = sequential_of(module, self.module_attr)
-        net, _ = chain_as_sequential(network)  # the planner profiles a layer sequence (a ResNet's blocks)
+        options = dict(self.plan_options)
+        try:
+            _, network = sequential_of(module, self.module_attr)
+            net, _ = chain_as_sequential(network)  # the planner profiles a layer sequence (a ResNet's blocks)
+            self.data_parallel_only = None
+        except TypeError:  # not a chain: nothing to cut or shard, the layouts are data parallel
+            _, network = network_of(module, self.module_attr)
+            net = nn.Sequential(network)
+            options["tp_degrees"] = (1,)
+            self.data_parallel_only = (
+                f"{type(network).__name__} is not a chain of layers (its forward does more than call its children "
+                "in order), so only data-parallel layouts were planned: to let the planner consider pipeline and "
+                "tensor-parallel layouts, write it as an nn.Sequential of blocks (or keep a torchvision ResNet's forward).")
         example = example_inputs(module.trainer, module)
         if example is None:
             raise ValueError(f"strategy='distnn_auto' plans on an example batch but found none: give {ENTRY_POINTS}.")
         self.global_batch = int(example.shape[0])
-        options = dict(self.plan_options)
         if self.cache_dir != "default":
             options["cache_dir"] = self.cache_dir
         self.plan = plan_layout(
@@ -123,6 +136,8 @@ class AutoStrategy(HybridStrategy):
             self.stages_per_rank = resolve_stages_per_rank(self.schedule, layout.stages_per_rank)
             self.microbatches = layout.microbatches
             self.partition = list(layout.partition)
+        if self.data_parallel_only:
+            self.plan.notes.append(self.data_parallel_only)
         if self.global_rank == 0:
             log.warning("[distnn_auto] chose %s\n%s", self.plan.strategy(), self.plan.render(top=5))
 

@@ -326,9 +326,14 @@ class HybridStrategy(MeshStrategy):
     def _network(self, module: pl.LightningModule, dims: ParallelDims):
         try:
             return sequential_of(module, self.module_attr)
-        except TypeError as err:  # any network with split points goes through torch's tracer (pp > 1, tp = 1)
-            found = network_of(module, self.module_attr) if dims.pp > 1 else None
-            if found is None or not self._traced(found[1]):
+        except TypeError as err:
+            # dp only (pp = tp = 1): nothing is split, any network trains as it is; a pipeline (pp > 1, tp = 1)
+            # cuts any network with split points through torch's tracer
+            try:
+                found = network_of(module, self.module_attr) if dims.tp == 1 else None
+            except TypeError:
+                found = None
+            if found is None or (dims.pp > 1 and not self._traced(found[1])):
                 raise TypeError(f"{err} {TRACER_HINT}") from None
             return found
 
