@@ -215,6 +215,10 @@ def test_tensor_parallel_splits_compute_and_adds_collectives():
     assert terms["T_1"] == pytest.approx(32 * 4 * 3 * MS / 2)
     assert terms["S_2"] == pytest.approx(4 * (2 * 2 * 1e-4 + 1000 * 32 / 1e8))
     assert {t.symbol: t.value for t in est.memory_terms}["M_1"] == pytest.approx(4 * 4000 / 2)
+    # the framework's own time per collective (measured with the links) is charged to every one of them
+    dispatch = Network(SLOW.intra, tp_collective_s=1e-3)
+    costly = {t.symbol: t.value for t in predict(Layout(tp=2), prof, dispatch, global_batch=32).terms}
+    assert costly["S_2"] - terms["S_2"] == pytest.approx(4 * 2 * 1e-3)
 
 
 def test_bad_layouts_are_refused_with_the_fix():

@@ -34,6 +34,56 @@ def test_cli_json(capsys, tmp_path):
     assert set(data["best"]["terms"]) == {"T_0", "T_1", "T_2", "S_1", "S_2", "S_3"}
 
 
+USER_NETS = """
+import torch
+from torch import nn
+
+
+def mlp(width=16):
+    return nn.Sequential(nn.Linear(20, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 5))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(20, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.c(h + torch.relu(self.b(h)))
+
+
+def residual():
+    return Residual()
+"""
+
+
+def test_cli_plans_a_users_own_network(capsys, tmp_path, monkeypatch):
+    (tmp_path / "distnn_user_nets.py").write_text(USER_NETS)
+    monkeypatch.chdir(tmp_path)  # the user's module sits in the current directory, as with python -m
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    common = ["--input-shape", "20", "--world-size", "2", "--global-batch", "16", "--processes", "1", "--links",
+              "assumed", "--no-cache", "--json"]
+    assert main(["--model", "distnn_user_nets:mlp", "--model-kwargs", '{"width": 32}', *common]) == 0
+    data = json.loads(capsys.readouterr().out)
+    layouts = {row["layout"] for row in data["ranked"]}
+    assert {"dp2", "tp2"} <= layouts and any(label.startswith("pp2") for label in layouts)
+    assert data["best"]["memory_terms"]["M_1"] > 32 * 32 * 4  # the 32-wide hidden layer was built
+    assert main(["--model", "distnn_user_nets:residual", *common]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {row["layout"] for row in data["ranked"]} == {"dp2", "dp2 fp16", "dp2 ps", "dp2 ps fp16"}
+    assert any("Residual is not a chain of layers" in note for note in data["notes"])
+    for argv, message in (
+        (["--model", "distnn_user_nets:nope"], "distnn_user_nets has no function 'nope'"),
+        (["--model", "no_such_module_here:f"], "cannot import 'no_such_module_here'"),
+        (["--model", "distnn_user_nets:mlp", "--model-kwargs", '{"wdth": 3}'], "unexpected keyword argument 'wdth'"),
+        (["--model", "resnet50"], "write one of case_study, seed_net, resnet or module:function"),
+        (["--model", "distnn_user_nets:mlp", "--input-shape", "2x3"], "--input-shape '2x3': write one sample's shape"),
+    ):
+        assert main([*common, *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_cli_model_that_fits_no_layout_says_which_knob(capsys):
     code = main(["--world-size", "2", "--global-batch", "8", "--processes", "1", "--links", "assumed", "--no-cache",
                  "--max-memory-per-rank", "1KB", *TINY])
@@ -58,6 +108,11 @@ def test_links_measured_in_two_processes_agree():
     link = results[0]["intra"]
     assert link["latency"] >= 0 and 0 < link["bandwidth"] < float("inf") and results[0]["measured"]
     assert results[0]["compress_s_per_byte"] >= 0  # fp16 compression's own cost, measured with the links
+    # tensor parallel's own time per collective (DTensor on a sharded Linear pair), measured with the links
+    assert 0 <= results[0]["tp_collective_s"] < 1.0
+    from lightning_distnn.planner import Network
+
+    assert Network.from_dict(results[0]).tp_collective_s == results[0]["tp_collective_s"]
 
 
 @pytest.mark.slow

@@ -39,10 +39,47 @@ from lightning_distnn.planner.search import NoLayoutFits, format_table
 MODELS = ("case_study", "seed_net", "resnet")
 
 
+class Whole(nn.Sequential):
+    """A network that is not a chain of layers, as the one layer the planner profiles (data parallel only)."""
+
+
+def import_factory(spec: str):
+    """``"package.module:function"`` -> the function (the current directory is importable, as for ``python -m``)."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--model {spec!r}: write one of {', '.join(MODELS)} or module:function, e.g. "
+                         "--model mynets:make_net (a function in mynets.py that returns the nn.Module).")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"--model {spec!r}: cannot import {module_name!r} ({err}); run distnn-plan from the directory "
+                         "that holds it, or install it.") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"--model {spec!r}: {module_name} has no function {attr!r}.")
+    return fn
+
+
 def build_network(model: str = "case_study", **kwargs: Any) -> nn.Sequential:
-    """The networks ``distnn-plan`` knows by name (module-level, so spawned processes can build them)."""
+    """The networks ``distnn-plan`` knows by name, or ``module:function(**kwargs)``, as the layer chain the
+    planner cuts (module-level, so spawned processes can build them). A network that is not a chain is one
+    layer: data-parallel layouts only."""
     from lightning_distnn.models import CaseStudyCNN, SeedNet
 
+    if ":" in model:
+        net = import_factory(model)(**kwargs)
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"--model {model!r} returned {type(net).__name__}, not an nn.Module.")
+        from lightning_distnn.parallel.chain import chain_as_sequential
+
+        try:
+            return chain_as_sequential(net).sequential
+        except TypeError:
+            return Whole(net)
     if model == "case_study":
         return CaseStudyCNN(**kwargs)
     if model == "seed_net":
@@ -84,7 +121,12 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distnn-plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--model", choices=MODELS, default="case_study")
+    m.add_argument("--model", default="case_study",
+                   help=f"{', '.join(MODELS)}, or module:function returning your nn.Module (e.g. mynets:make_net)")
+    m.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
+                   help="keyword arguments of module:function, e.g. '{\"width\": 64}'")
+    m.add_argument("--input-shape", default="", metavar="C,H,W",
+                   help="one sample's shape (default: channels,image-size,image-size), e.g. 20 for vectors")
     m.add_argument("--conv-layers", type=int, default=5)
     m.add_argument("--conv-filters", type=int, default=512)
     m.add_argument("--fc-layers", type=int, default=3)
@@ -92,7 +134,7 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--image-size", type=int, default=32)
     m.add_argument("--resnet-width", type=int, default=8, help="--model resnet: channels of its first stage")
     m.add_argument("--channels", type=int, default=3)
-    m.add_argument("--classes", type=int, default=10)
+    m.add_argument("--classes", type=int, default=10, help="outputs of the network (--measure trains on this many classes)")
     r = p.add_argument_group("run")
     r.add_argument("--world-size", type=int, required=True, help="processes the run will have")
     r.add_argument("--global-batch", type=int, required=True, help="samples per optimizer step")
@@ -173,7 +215,19 @@ def _main(args: argparse.Namespace, launched: Optional[tuple[int, int]]) -> int:
         print(f"distnn-plan: --world-size {args.world_size} and --global-batch {args.global_batch} must be positive.",
               file=sys.stderr)
         return 2
-    factory_kwargs: dict[str, Any] = {"model": args.model, "num_classes": args.classes, "in_channels": args.channels}
+    custom = ":" in args.model
+    if not custom and args.model not in MODELS:
+        print(f"distnn-plan: --model {args.model!r}: write one of {', '.join(MODELS)} or module:function "
+              "(a function returning your nn.Module, e.g. mynets:make_net).", file=sys.stderr)
+        return 2
+    if custom:
+        if not isinstance(args.model_kwargs, dict) or "model" in args.model_kwargs:
+            print(f"distnn-plan: --model-kwargs {args.model_kwargs!r} must be a JSON object of the function's "
+                  "keyword arguments (none named 'model').", file=sys.stderr)
+            return 2
+        factory_kwargs: dict[str, Any] = {"model": args.model, **args.model_kwargs}
+    else:
+        factory_kwargs = {"model": args.model, "num_classes": args.classes, "in_channels": args.channels}
     if args.model == "case_study":
         factory_kwargs.update(conv_layers=args.conv_layers, conv_filters=args.conv_filters, fc_layers=args.fc_layers,
                               fc_width=args.fc_width, image_size=args.image_size)
@@ -185,7 +239,21 @@ def _main(args: argparse.Namespace, launched: Optional[tuple[int, int]]) -> int:
     except ValueError as err:
         print(f"distnn-plan: {err}", file=sys.stderr)
         return 2
-    shape = (args.channels, args.image_size, args.image_size)
+    except TypeError as err:
+        if not custom:
+            raise
+        print(f"distnn-plan: --model {args.model} with --model-kwargs {json.dumps(args.model_kwargs)} failed: {err}",
+              file=sys.stderr)
+        return 2
+    try:
+        shape = (tuple(int(d) for d in args.input_shape.split(",")) if args.input_shape
+                 else (args.channels, args.image_size, args.image_size))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        print(f"distnn-plan: --input-shape {args.input_shape!r}: write one sample's shape as positive integers, "
+              "e.g. 3,32,32 or 20.", file=sys.stderr)
+        return 2
     processes = args.processes if args.processes is not None else args.world_size
     options = dict(
         schedules=[x for x in args.schedules.split(",") if x],
@@ -193,6 +261,9 @@ def _main(args: argparse.Namespace, launched: Optional[tuple[int, int]]) -> int:
         syncs=[x for x in args.syncs.split(",") if x],
         max_microbatches=args.max_microbatches,
     )
+    unsplit = isinstance(net, Whole)
+    if unsplit:  # the function's network is not a chain of layers: nothing to cut or shard
+        options["tp_degrees"] = (1,)
     try:
         plan = plan_layout(
             net, torch.randn(1, *shape), world_size=args.world_size, global_batch=args.global_batch,
@@ -206,6 +277,10 @@ def _main(args: argparse.Namespace, launched: Optional[tuple[int, int]]) -> int:
     except NoLayoutFits as err:
         print(f"distnn-plan: {err}", file=sys.stderr)
         return 2
+    if unsplit:
+        plan.notes.append(f"{type(net[0]).__name__} is not a chain of layers (its forward does more than call its "
+                          "children in order), so only data-parallel layouts were planned: write it as an "
+                          "nn.Sequential of blocks to let the planner consider pipeline and tensor-parallel layouts.")
     current = None
     if args.current:
         current = _current_layout(args.current, plan, args)

@@ -19,7 +19,8 @@ micro-batch, ``C_r`` the sum of ``c_s`` over the ``v`` stages rank ``r`` holds, 
   replayed with the transfers, minus the same replay with free ones (:func:`replayed_transfers`);
   every send on the critical path by the formula of ``T_1`` where the order is not known.
 * ``S_2`` tensor-parallel collectives inside every stage (all-reduce / all-gather per sharded pair),
-  on the critical path.
+  on the critical path, each with the framework's own time per collective that the links measured
+  (``Network.tp_collective_s``: DTensor dispatch, redistribution and sharded optimizer step).
 * ``S_3`` data-parallel synchronisation after the backward: a ring all-reduce of the rank's
   gradients over ``dp`` (half the bytes with fp16/bf16), or the parameter server's push and pull.
 
@@ -293,7 +294,8 @@ def predict(
         if tp > 1:
             for i in layers:
                 c = P.layers[i].tp[tp]
-                coll += c.collectives * 2 * (tp - 1) * tp_link.latency + c.bytes_per_sample * mu / tp_link.bandwidth
+                coll += (c.collectives * (2 * (tp - 1) * tp_link.latency + network.tp_collective_s)
+                         + c.bytes_per_sample * mu / tp_link.bandwidth)
                 count += c.collectives
             last = P.layers[layers[-1]]
             if last.tp[tp].out_sharded:  # a stage's output is gathered before it is sent
@@ -376,7 +378,8 @@ def predict(
              "seconds/parameter x parameters on the slowest rank" + (f", x {share.factor:.3g} shared cores" if share.factor > 1 else "")),
         Term("S_1", "pipeline activations + gradients per micro-batch, not hidden by compute", sends, sends_formula),
         Term("S_2", f"tensor-parallel collectives over tp={tp}" if tp > 1 else "tensor-parallel collectives (tp=1: none)",
-             path(tpcomm), "per sharded pair, ring" if tp > 1 else ""),
+             path(tpcomm), ("per sharded pair, ring" + (f", + {network.tp_collective_s * 1e3:.2g} ms framework per collective"
+                                                        if network.tp_collective_s else "")) if tp > 1 else ""),
         Term("S_3", sync_name, sync_s, sync_formula),
     ]
     step = sum(t.value for t in terms)

@@ -14,6 +14,8 @@ real process groups; :meth:`Network.assumed` is a stand-in when nothing was meas
 
 from __future__ import annotations
 
+import copy
+
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -58,6 +60,9 @@ class Network:
     # seconds per fp32 gradient byte that fp16/bf16 compression adds beyond its halved wire: the two casts
     # and the backend's half-precision sums (gloo adds halves element by element on the CPU); 0 = not measured
     compress_s_per_byte: float = 0.0
+    # seconds per tensor-parallel collective beyond its link time: DTensor's dispatch, redistribution and
+    # sharded optimizer step on the CPU, timed on a sharded Linear pair (:func:`measure_tp_overhead`); 0 = not measured
+    tp_collective_s: float = 0.0
 
     @classmethod
     def assumed(cls, *, latency: float = 1e-4, bandwidth: float = 1e9) -> "Network":
@@ -78,7 +83,8 @@ class Network:
     def from_dict(cls, data: dict) -> "Network":
         inter = Link(**data["inter"]) if data.get("inter") else None
         return cls(intra=Link(**data["intra"]), inter=inter, ranks_per_node=data.get("ranks_per_node", 0),
-                   measured=data.get("measured", False), compress_s_per_byte=data.get("compress_s_per_byte", 0.0))
+                   measured=data.get("measured", False), compress_s_per_byte=data.get("compress_s_per_byte", 0.0),
+                   tp_collective_s=data.get("tp_collective_s", 0.0))
 
     def __str__(self) -> str:
         def one(link: Link) -> str:
@@ -89,6 +95,8 @@ class Network:
             text += f"; across nodes ({self.ranks_per_node} ranks per node) {one(self.inter)}"
         if self.compress_s_per_byte > 0:
             text += f"; fp16 compression {self.compress_s_per_byte * 1e9:.2f} ns per gradient byte"
+        if self.tp_collective_s > 0:
+            text += f"; tensor parallel {self.tp_collective_s * 1e3:.2g} ms per collective beyond the link"
         return text
 
 
@@ -195,12 +203,60 @@ def measure_network(*, ranks_per_node: int = 0, repeats: int = 5, sizes: Sequenc
             numbers = torch.tensor([intra.latency, intra.bandwidth, inter.latency, inter.bandwidth, compress],
                                    dtype=torch.float64)
         dist.broadcast(numbers, src=0)
-        return Network(Link(float(numbers[0]), float(numbers[1])), Link(float(numbers[2]), float(numbers[3])),
-                       ranks_per_node=ranks_per_node, measured=True, compress_s_per_byte=float(numbers[4]))
+        inter = Link(float(numbers[2]), float(numbers[3]))
+        return Network(Link(float(numbers[0]), float(numbers[1])), inter, ranks_per_node=ranks_per_node, measured=True,
+                       compress_s_per_byte=float(numbers[4]), tp_collective_s=measure_tp_overhead(inter, repeats=repeats))
     ring = measure_link(None, kind="allreduce", repeats=repeats, sizes=sizes)
     pair = measure_link(None, kind="p2p", repeats=repeats, sizes=sizes)
     slow = Link(latency=max(ring.latency, pair.latency), bandwidth=min(ring.bandwidth, pair.bandwidth))
-    return Network(slow, measured=True, compress_s_per_byte=measure_compression(ring, repeats=repeats))
+    return Network(slow, measured=True, compress_s_per_byte=measure_compression(ring, repeats=repeats),
+                   tp_collective_s=measure_tp_overhead(ring, repeats=repeats))
+
+
+def measure_tp_overhead(link: Link, *, width: int = 64, batch: int = 8, repeats: int = 5) -> float:
+    """Seconds per tensor-parallel collective that the framework adds beyond the link's own time.
+
+    A tensor-parallel step pays more than its all-reduces' latency and bytes: DTensor dispatches every op
+    on a sharded parameter, redistributes at every sharded pair, and the optimizer steps DTensors. On a
+    small model on the CPU that is milliseconds per pair, more than the compute (the main job's model
+    trained 12x slower with ``strategy=tp``), and no layer profile sees it. This times a training step
+    (forward, backward, SGD) of a ``Linear-ReLU-Linear`` pair sharded over every rank by the automatic
+    plan, subtracts the same step unsharded and the link time of its collectives (counted as the cost
+    model counts them), and divides by their number. Every rank calls it and gets rank 0's figure.
+    """
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_distnn.parallel.tensor import apply_tp
+    from lightning_distnn.planner.profile import tp_costs
+
+    world = dist.get_world_size()
+    if world < 2:
+        return 0.0
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+    x = torch.randn(batch, width)
+    count = sum(c.collectives for c in tp_costs(net, world, [], sample=x))
+    sharded = copy.deepcopy(net)
+    apply_tp(sharded, init_device_mesh("cpu", (world,)))
+
+    def stepper(module):
+        opt = torch.optim.SGD(module.parameters(), lr=1e-3)
+
+        def step():
+            module(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return step
+
+    plain, tp = stepper(net), stepper(sharded)
+    plain(), tp()  # the first step allocates and warms the dispatch caches
+    t_plain = _time(plain, repeats, None)
+    t_tp = _time(tp, repeats, None)
+    wire = count * link.allreduce(batch * width * 4, world)
+    extra = torch.tensor([max(0.0, (t_tp - t_plain - wire) / max(count, 1))], dtype=torch.float64)
+    dist.broadcast(extra, src=0)
+    return float(extra[0])
 
 
 def measure_compression(ring: Link, *, nbytes: int = 1 << 22, repeats: int = 5,

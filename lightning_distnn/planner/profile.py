@@ -33,7 +33,7 @@ from torch import nn
 
 from lightning_distnn.parallel.tensor.accounting import module_numel
 
-PROFILE_VERSION = 6
+PROFILE_VERSION = 7
 
 
 @dataclass

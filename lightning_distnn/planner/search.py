@@ -156,6 +156,7 @@ class Plan:
             "network": self.network.to_dict() if self.network else None,
             "best": est(self.best), "ranked": [est(e) for e in self.ranked], "refused": [est(e) for e in self.refused],
             "best_terms": [{"symbol": t.symbol, "name": t.name, "value": t.value} for t in self.best.terms],
+            "notes": list(self.notes),
         }
 
 
