@@ -94,7 +94,9 @@ def _auto_on_residual(rank, world_size, cache_dir):
         module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=GLOBAL)
     )
     state = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
+    memory = {t.symbol: t.value for t in auto.plan.best.memory_terms}
     return {"state": state, "layouts": sorted(e.layout.label for e in auto.plan.ranked), "why": auto.data_parallel_only,
+            "states": auto.optimizer_states, "M_3 / M_1": memory["M_3"] / memory["M_1"],
             "rendered": auto.plan.render(top=3), "describe": auto.describe()}
 
 
@@ -107,4 +109,28 @@ def test_auto_on_a_network_that_is_not_a_chain_plans_data_parallel(tmp_path):
         assert r["layouts"] == ["dp2"]  # no pipeline or tensor-parallel layout of a network it cannot cut
         assert "_Residual is not a chain of layers" in r["why"] and r["why"] in r["rendered"]
         assert r["describe"] == "AutoStrategy(planned: dp2)"
+        assert r["states"] == 1 and r["M_3 / M_1"] == pytest.approx(1.0)  # SGD with momentum, counted on the module
         assert_state_dicts_close(r["state"], expected, atol=1e-5)
+
+
+def test_auto_counts_the_optimizers_states_per_parameter(caplog):
+    from functools import partial
+
+    adam = ImageClassifier(_Residual(), optimizer=partial(torch.optim.Adam, lr=1e-3))
+    assert AutoStrategy._count_optimizer_states(adam) == 2
+
+    class WithScheduler(ImageClassifier):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)  # no momentum: no state
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1)}
+
+    assert AutoStrategy._count_optimizer_states(WithScheduler(_Residual())) == 0
+
+    class Broken(ImageClassifier):
+        def configure_optimizers(self):
+            raise RuntimeError("needs the trainer")
+
+    assert AutoStrategy._count_optimizer_states(Broken(_Residual())) == 1
+    assert "pass AutoStrategy(optimizer_states=N)" in caplog.text
+    with pytest.raises(ValueError, match="optimizer_states=-1"):
+        AutoStrategy(optimizer_states=-1)

@@ -514,3 +514,13 @@ def test_predicted_memory_is_within_15_percent_of_a_real_training_step():
     trainer.fit(ImageClassifier(net, num_classes=10), datamodule=FixedDataModule(x, y, 32))
     assert probe.peak > 0
     assert abs(predicted.memory_bytes - probe.peak) / probe.peak < 0.15, (predicted.seed_form(), probe.peak)
+
+
+def test_optimizer_states_are_counted_on_the_optimizer():
+    from lightning_distnn.planner.profile import optimizer_states_of
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert [optimizer_states_of(o) for o in (
+        torch.optim.SGD(p, lr=0.1), torch.optim.SGD(p, lr=0.1, momentum=0.9), torch.optim.Adam(p),
+        torch.optim.Adam(p, amsgrad=True), torch.optim.AdamW(p), torch.optim.RMSprop(p, momentum=0.9, centered=True),
+    )] == [0, 1, 2, 3, 2, 3]

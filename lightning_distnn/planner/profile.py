@@ -459,6 +459,23 @@ def tp_costs(net: nn.Sequential, tp: int, leaves: Sequence[Leaf], sample: Option
     return out
 
 
+def optimizer_states_of(optimizer: torch.optim.Optimizer) -> int:
+    """Tensors of a parameter's size that ``optimizer`` keeps per parameter (the memory model's ``M_3``):
+    SGD 0 (1 with momentum), Adam 2 (3 with amsgrad), RMSprop 1-3, ... Found by stepping an optimizer of the
+    same class and settings (its first group's) on a throwaway parameter, so any ``torch.optim`` class works."""
+    import inspect
+
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    group = optimizer.param_groups[0] if optimizer.param_groups else {}
+    # a group also holds keys the constructor does not take (a scheduler's initial_lr, AdamW's flags)
+    defaults = {k: v for k, v in group.items() if k != "params" and k in accepted}
+    probe = torch.zeros(3, 5, requires_grad=True)
+    probe.grad = torch.ones_like(probe)
+    trial = type(optimizer)([probe], **defaults)
+    trial.step()
+    return sum(1 for v in trial.state[probe].values() if torch.is_tensor(v) and v.shape == probe.shape)
+
+
 def _optimizer_step_seconds(net: nn.Module, *, repeats: int) -> float:
     """Median seconds of one SGD-with-momentum step over all of ``net``'s parameters (on copies)."""
     params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -46,6 +47,8 @@ class AutoStrategy(HybridStrategy):
         schedules: pipeline schedules to consider (default: the planner's: gpipe, 1f1b, interleaved_1f1b).
         compressions: data-parallel wire formats to consider (``"none"``, ``"fp16"``, ``"bf16"``).
         max_microbatches: most micro-batches per batch to consider.
+        optimizer_states: optimizer tensors per parameter for the memory model (SGD with momentum 1, Adam
+            2); default: counted on the optimizer the module's ``configure_optimizers`` returns.
         cache_dir: where profiles are cached (default: the planner's; ``None`` disables the cache).
         module_attr, record_timeline, timeout, **kwargs: as :class:`HybridStrategy`.
     """
@@ -65,6 +68,7 @@ class AutoStrategy(HybridStrategy):
         schedules: Optional[Sequence[str]] = None,
         compressions: Sequence[str] = ("none",),
         max_microbatches: int = 16,
+        optimizer_states: Optional[int] = None,
         cache_dir: Any = "default",
         module_attr: Optional[str] = None,
         record_timeline: bool = True,
@@ -75,12 +79,16 @@ class AutoStrategy(HybridStrategy):
             raise ValueError(f"max_memory_per_rank={max_memory_per_rank!r} must be a positive number of bytes, e.g. 2e9.")
         if not isinstance(max_microbatches, int) or max_microbatches < 1:
             raise ValueError(f"max_microbatches={max_microbatches!r} must be a positive integer.")
+        if optimizer_states is not None and not (isinstance(optimizer_states, int) and optimizer_states >= 0):
+            raise ValueError(f"optimizer_states={optimizer_states!r} must be a count of tensors per parameter "
+                             "(SGD 0, SGD with momentum 1, Adam 2), or None to count them on your optimizer.")
         super().__init__(dp=-1, pp=1, tp=1, module_attr=module_attr, record_timeline=record_timeline, timeout=timeout, **kwargs)
         self.max_memory_per_rank = max_memory_per_rank
         self.plan_options: dict[str, Any] = {"compressions": tuple(compressions), "max_microbatches": max_microbatches}
         if schedules is not None:
             self.plan_options["schedules"] = tuple(schedule_name(s) for s in schedules)
         self.cache_dir = cache_dir
+        self.optimizer_states = optimizer_states
         self.plan = None
         self.global_batch: Optional[int] = None
         self.data_parallel_only: Optional[str] = None  # why the planner considered data-parallel layouts only
@@ -119,12 +127,15 @@ class AutoStrategy(HybridStrategy):
         self.global_batch = int(example.shape[0])
         if self.cache_dir != "default":
             options["cache_dir"] = self.cache_dir
+        if self.optimizer_states is None:
+            self.optimizer_states = self._count_optimizer_states(module)
         self.plan = plan_layout(
             net.to(self.root_device),
             example[:1].to(self.root_device),
             world_size=self.world_size,
             global_batch=self.global_batch,
             max_memory_per_rank=self.max_memory_per_rank,
+            optimizer_states=self.optimizer_states,
             syncs=("allreduce",),  # what the hybrid runs on its dp axis
             **options,
         )
@@ -140,6 +151,31 @@ class AutoStrategy(HybridStrategy):
             self.plan.notes.append(self.data_parallel_only)
         if self.global_rank == 0:
             log.warning("[distnn_auto] chose %s\n%s", self.plan.strategy(), self.plan.render(top=5))
+
+    @staticmethod
+    def _count_optimizer_states(module) -> int:
+        """Tensors per parameter the module's optimizer keeps (the largest over its optimizers; 1 if unknown)."""
+        from lightning_distnn.planner.profile import optimizer_states_of
+
+        def found(conf) -> list:  # every form configure_optimizers may return (Lightning's docs)
+            if isinstance(conf, torch.optim.Optimizer):
+                return [conf]
+            if isinstance(conf, dict):
+                return found(conf.get("optimizer"))
+            if isinstance(conf, (list, tuple)):
+                return [o for item in conf for o in found(item)]
+            return []
+
+        try:
+            optimizers = found(module.configure_optimizers())
+            if not optimizers:
+                raise TypeError("configure_optimizers returned no torch.optim.Optimizer")
+            return max(optimizer_states_of(o) for o in optimizers)
+        except Exception as err:  # noqa: BLE001 - a plan with the default beats no plan
+            log.warning("[distnn_auto] could not count the optimizer's states per parameter (%s: %s); the memory "
+                        "model assumes 1 (SGD with momentum): pass AutoStrategy(optimizer_states=N).",
+                        type(err).__name__, err)
+            return 1
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
