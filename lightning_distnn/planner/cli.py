@@ -32,15 +32,11 @@ from torch import nn
 
 from lightning_distnn.planner.cost import Layout, predict
 from lightning_distnn.planner.links import Network
-from lightning_distnn.planner.plan import plan_layout
+from lightning_distnn.planner.plan import layer_chain, plan_layout
 from lightning_distnn.planner.cache import DEFAULT_CACHE
 from lightning_distnn.planner.search import NoLayoutFits, format_table
 
 MODELS = ("case_study", "seed_net", "resnet")
-
-
-class Whole(nn.Sequential):
-    """A network that is not a chain of layers, as the one layer the planner profiles (data parallel only)."""
 
 
 def import_factory(spec: str):
@@ -74,12 +70,7 @@ def build_network(model: str = "case_study", **kwargs: Any) -> nn.Sequential:
         net = import_factory(model)(**kwargs)
         if not isinstance(net, nn.Module):
             raise ValueError(f"--model {model!r} returned {type(net).__name__}, not an nn.Module.")
-        from lightning_distnn.parallel.chain import chain_as_sequential
-
-        try:
-            return chain_as_sequential(net).sequential
-        except TypeError:
-            return Whole(net)
+        return layer_chain(net)
     if model == "case_study":
         return CaseStudyCNN(**kwargs)
     if model == "seed_net":
@@ -261,9 +252,6 @@ def _main(args: argparse.Namespace, launched: Optional[tuple[int, int]]) -> int:
         syncs=[x for x in args.syncs.split(",") if x],
         max_microbatches=args.max_microbatches,
     )
-    unsplit = isinstance(net, Whole)
-    if unsplit:  # the function's network is not a chain of layers: nothing to cut or shard
-        options["tp_degrees"] = (1,)
     try:
         plan = plan_layout(
             net, torch.randn(1, *shape), world_size=args.world_size, global_batch=args.global_batch,
@@ -277,10 +265,6 @@ def _main(args: argparse.Namespace, launched: Optional[tuple[int, int]]) -> int:
     except NoLayoutFits as err:
         print(f"distnn-plan: {err}", file=sys.stderr)
         return 2
-    if unsplit:
-        plan.notes.append(f"{type(net[0]).__name__} is not a chain of layers (its forward does more than call its "
-                          "children in order), so only data-parallel layouts were planned: write it as an "
-                          "nn.Sequential of blocks to let the planner consider pipeline and tensor-parallel layouts.")
     current = None
     if args.current:
         current = _current_layout(args.current, plan, args)

@@ -15,7 +15,6 @@ real process groups; :meth:`Network.assumed` is a stand-in when nothing was meas
 from __future__ import annotations
 
 import copy
-
 import statistics
 import time
 from dataclasses import asdict, dataclass

@@ -30,6 +30,28 @@ from lightning_distnn.planner.profile import (ModelProfile, default_microbatch_s
 from lightning_distnn.planner.search import Plan, search
 
 
+class WholeNetwork(nn.Sequential):
+    """A network that is not a chain of layers, as the one layer the planner profiles: nothing can be cut or
+    sharded, so :func:`plan_layout` searches data-parallel layouts only and says why in the plan's notes."""
+
+    @property
+    def note(self) -> str:
+        return (f"{type(self[0]).__name__} is not a chain of layers (its forward does more than call its children "
+                "in order), so only data-parallel layouts were planned: write it as an nn.Sequential of blocks (or "
+                "keep a torchvision ResNet's forward) to let the planner consider pipeline and tensor-parallel layouts.")
+
+
+def layer_chain(network: nn.Module) -> nn.Sequential:
+    """The layer sequence the planner profiles: an ``nn.Sequential`` or a known chain's layers
+    (:func:`~lightning_distnn.parallel.chain.chain_as_sequential`), else the whole network as one layer."""
+    from lightning_distnn.parallel.chain import chain_as_sequential
+
+    try:
+        return chain_as_sequential(network).sequential
+    except TypeError:
+        return WholeNetwork(network)
+
+
 def calibration_key(device: str, world_size: int) -> str:
     """Cache key of the framework calibration (:class:`~lightning_distnn.planner.cost.Calibration`) of a machine."""
     return "calibration-" + "".join(c if c.isalnum() else "_" for c in device) + f"-w{world_size}"
@@ -123,7 +145,8 @@ def plan_layout(
     """Profile ``net`` (or read its cached profile), get the links, and search every layout of ``world_size``.
 
     Args:
-        net, example_input: the ``nn.Sequential`` to plan and one input sample (or a batch).
+        net, example_input: the ``nn.Sequential`` to plan (:func:`layer_chain` of any network) and one input
+            sample (or a batch).
         world_size: processes the run will have; global_batch: samples per optimizer step.
         max_memory_per_rank: bytes; layouts predicted above it are refused (``Plan.refused``).
         network: links to use instead of measuring (e.g. ``Network.assumed()``).
@@ -141,6 +164,8 @@ def plan_layout(
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size={world_size!r} must be a positive integer (processes to train on).")
+    if isinstance(net, WholeNetwork):
+        search_options["tp_degrees"] = (1,)  # one layer: pp is 1 by itself, tensor parallelism cannot walk it
     sizes = list(microbatch_sizes or default_microbatch_sizes(global_batch))
     distributed = dist.is_available() and dist.is_initialized()
     procs = dist.get_world_size() if distributed else (processes or 1)
@@ -186,5 +211,7 @@ def plan_layout(
                   calibration=calibration, **search_options)
     plan.notes.append(f"profile: {'cache ' + key if cached is not None else 'measured now'} "
                       f"({profile.profiled_in} process(es) at once on {profile.device})")
+    if isinstance(net, WholeNetwork):
+        plan.notes.append(net.note)
     plan.profile = profile
     return plan

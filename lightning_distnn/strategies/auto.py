@@ -25,11 +25,9 @@ import logging
 from typing import Any, Optional, Sequence
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_distnn.parallel.chain import chain_as_sequential
 from lightning_distnn.parallel.pipeline import resolve_stages_per_rank, schedule_name
 from lightning_distnn.parallel.traced import network_of
 from lightning_distnn.strategies._common import Timeout, rebuilt_loader, sequential_of
@@ -106,21 +104,16 @@ class AutoStrategy(HybridStrategy):
 
     def _plan(self) -> None:
         from lightning_distnn.planner import plan_layout
+        from lightning_distnn.planner.plan import WholeNetwork, layer_chain
 
         module = self.lightning_module
         options = dict(self.plan_options)
         try:
             _, network = sequential_of(module, self.module_attr)
-            net, _ = chain_as_sequential(network)  # the planner profiles a layer sequence (a ResNet's blocks)
-            self.data_parallel_only = None
-        except TypeError:  # not a chain: nothing to cut or shard, the layouts are data parallel
+        except TypeError:  # not a chain: the planner profiles it as one layer, data-parallel layouts only
             _, network = network_of(module, self.module_attr)
-            net = nn.Sequential(network)
-            options["tp_degrees"] = (1,)
-            self.data_parallel_only = (
-                f"{type(network).__name__} is not a chain of layers (its forward does more than call its children "
-                "in order), so only data-parallel layouts were planned: to let the planner consider pipeline and "
-                "tensor-parallel layouts, write it as an nn.Sequential of blocks (or keep a torchvision ResNet's forward).")
+        net = layer_chain(network)  # the layer sequence the planner profiles (a ResNet's blocks)
+        self.data_parallel_only = net.note if isinstance(net, WholeNetwork) else None
         example = example_inputs(module.trainer, module)
         if example is None:
             raise ValueError(f"strategy='distnn_auto' plans on an example batch but found none: give {ENTRY_POINTS}.")
@@ -147,8 +140,6 @@ class AutoStrategy(HybridStrategy):
             self.stages_per_rank = resolve_stages_per_rank(self.schedule, layout.stages_per_rank)
             self.microbatches = layout.microbatches
             self.partition = list(layout.partition)
-        if self.data_parallel_only:
-            self.plan.notes.append(self.data_parallel_only)
         if self.global_rank == 0:
             log.warning("[distnn_auto] chose %s\n%s", self.plan.strategy(), self.plan.render(top=5))
 
