@@ -49,9 +49,12 @@ def test_ranks_see_the_callers_environment_and_start_preloaded(monkeypatch):
     assert len({r[2] for r in first + later}) == 4  # a process per rank per call
 
 
+def _sum_and_probe(rank, world_size):
+    return _sum_of_ranks(rank, world_size), os.environ.get("DISTNN_HARNESS_PROBE")
+
+
 def test_spawn_start_method_still_works(monkeypatch):
     monkeypatch.setenv("DISTNN_HARNESS_PROBE", "spawned")
-    assert [r[0] for r in run_distributed(_what_the_rank_sees, 2, start_method="spawn")] == ["spawned"] * 2
-    assert run_distributed(_sum_of_ranks, 2, init_process_group=True, start_method="spawn") == [3.0, 3.0]
+    assert run_distributed(_sum_and_probe, 2, init_process_group=True, start_method="spawn") == [(3.0, "spawned")] * 2
     with pytest.raises(ValueError, match="'fork' is not one of"):
         run_distributed(_sum_of_ranks, 2, start_method="fork")

@@ -330,7 +330,7 @@ class HybridStrategy(MeshStrategy):
             # dp only (pp = tp = 1): nothing is split, any network trains as it is; a pipeline (pp > 1, tp = 1)
             # cuts any network with split points through torch's tracer
             try:
-                found = network_of(module, self.module_attr) if dims.tp == 1 else None
+                found = network_of(module, self.module_attr) if dims.pp > 1 or dims.tp == 1 else None
             except TypeError:
                 found = None
             if found is None or (dims.pp > 1 and not self._traced(found[1])):
