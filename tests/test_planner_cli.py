@@ -79,6 +79,9 @@ def test_cli_plans_a_users_own_network(capsys, tmp_path, monkeypatch):
         (["--model", "distnn_user_nets:mlp", "--model-kwargs", '{"wdth": 3}'], "unexpected keyword argument 'wdth'"),
         (["--model", "resnet50"], "write one of case_study, seed_net, resnet or module:function"),
         (["--model", "distnn_user_nets:mlp", "--input-shape", "2x3"], "--input-shape '2x3': write one sample's shape"),
+        (["--model", "distnn_user_nets:residual", "--current", "tp=2"], "--current: pp=1, tp=2: Residual is not a chain"),
+        (["--model", "distnn_user_nets:mlp", "--current", "pp=2,schedule=interleaved_1f1b,stages_per_rank=3"],
+         "--current: 6 pipeline stages need at least 6 layers, the model has 5"),
     ):
         assert main([*common, *argv]) == 2
         assert message in capsys.readouterr().err

@@ -32,7 +32,7 @@ from torch import nn
 
 from lightning_distnn.planner.cost import Layout, predict
 from lightning_distnn.planner.links import Network
-from lightning_distnn.planner.plan import layer_chain, plan_layout
+from lightning_distnn.planner.plan import WholeNetwork, layer_chain, plan_layout
 from lightning_distnn.planner.cache import DEFAULT_CACHE
 from lightning_distnn.planner.search import NoLayoutFits, format_table
 
@@ -267,7 +267,7 @@ def _main(args: argparse.Namespace, launched: Optional[tuple[int, int]]) -> int:
         return 2
     current = None
     if args.current:
-        current = _current_layout(args.current, plan, args)
+        current = _current_layout(args.current, plan, args, net)
         if isinstance(current, str):
             print(f"distnn-plan: --current: {current}", file=sys.stderr)
             return 2
@@ -322,24 +322,26 @@ def _main(args: argparse.Namespace, launched: Optional[tuple[int, int]]) -> int:
     return 0
 
 
-def _current_layout(kwargs: dict[str, Any], plan, args):
+def _current_layout(kwargs: dict[str, Any], plan, args, net: Optional[nn.Module] = None):
+    """The estimate of the user's ``--current`` layout, or a string saying why it cannot run."""
     from lightning_distnn.partition.model import balanced
 
     kwargs = dict(kwargs)
     dp, pp, tp = kwargs.get("dp", 1), kwargs.get("pp", 1), kwargs.get("tp", 1)
-    if "dp" not in kwargs:
-        dp = kwargs["dp"] = max(1, args.world_size // (pp * tp))
-    if pp > 1:
-        kwargs.setdefault("schedule", "1f1b")
-        kwargs.setdefault("microbatches", max(pp, 4))
-        v = 2 if kwargs["schedule"] == "interleaved_1f1b" else 1
-        kwargs.setdefault("stages_per_rank", v)
-        mu = args.global_batch / dp / kwargs["microbatches"]
-        costs = [layer.time("forward", mu) + layer.time("backward", mu) for layer in plan.profile.layers]
-        kwargs.setdefault("partition", tuple(balanced(costs, pp * v).counts))
-    if isinstance(kwargs.get("partition"), str):
-        kwargs["partition"] = tuple(int(c) for c in kwargs["partition"].split("-"))
+    if isinstance(net, WholeNetwork) and (pp > 1 or tp > 1):
+        return f"pp={pp}, tp={tp}: {net.note}"
     try:
+        if "dp" not in kwargs:
+            dp = kwargs["dp"] = max(1, args.world_size // (pp * tp))
+        if pp > 1:
+            kwargs.setdefault("schedule", "1f1b")
+            kwargs.setdefault("microbatches", max(pp, 4))
+            v = kwargs.setdefault("stages_per_rank", 2 if kwargs["schedule"] == "interleaved_1f1b" else 1)
+            mu = args.global_batch / dp / kwargs["microbatches"]
+            costs = [layer.time("forward", mu) + layer.time("backward", mu) for layer in plan.profile.layers]
+            kwargs.setdefault("partition", tuple(balanced(costs, pp * v).counts))
+        if isinstance(kwargs.get("partition"), str):
+            kwargs["partition"] = tuple(int(c) for c in kwargs["partition"].split("-"))
         layout = Layout(**kwargs)
         return predict(layout, plan.profile, plan.network, global_batch=args.global_batch,
                        optimizer_states=args.optimizer_states, max_memory_per_rank=args.max_memory_per_rank)
