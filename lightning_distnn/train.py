@@ -197,6 +197,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         log.info("metrics, Lightning's CSV log (csv/) and the Hydra config (.hydra/) are in %s", output_dir)
+        saved = trainer.checkpoint_callback and (trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path)
+        if saved and Path(saved).is_dir():
+            log.info("checkpoint: %s, a distributed checkpoint (any layout resumes from it); "
+                     "`distnn-checkpoint consolidate %s` writes it as one Lightning .ckpt file", saved, saved)
     return metrics
 
 

@@ -7,7 +7,12 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import lightning_distnn  # noqa: F401
+from torch.utils.data import DataLoader, DistributedSampler
+
 from lightning_distnn.checkpoint import is_distributed_checkpoint, load_distributed, save_distributed
+from lightning_distnn.consolidate import main as consolidate_main
+from lightning_distnn.consolidate import to_lightning_checkpoint
+from lightning_distnn.models import CaseStudyCNN, ImageClassifier
 from lightning_distnn.strategies import TensorParallelStrategy
 from lightning_distnn.testing import assert_state_dicts_close, run_distributed
 from lightning_distnn.testing.equivalence import (
@@ -105,6 +110,46 @@ def test_checkpoints_reload_across_tp_sizes(tmp_path):
     assert meta["global_step"] == STEPS
     assert_state_dicts_close(single.net.state_dict(), reference.net.state_dict(), atol=1e-5)
     assert_state_dicts_close(_momenta(single, optimizer), ref_momenta, atol=1e-5)
+
+    # tp=2 -> one Lightning file: plain Lightning on one process resumes from it as the tp=2 run did
+    file = to_lightning_checkpoint(tmp_path / "tp2", module=tiny_classifier(seed=9, **WIDTH))
+    assert file == tmp_path / "tp2.consolidated.ckpt"
+    x, y = digits_tensors(STEPS * BATCH)
+    one = tiny_classifier(seed=5, **WIDTH)
+    quiet_trainer("auto", devices=1, max_steps=STEPS + EXTRA_STEPS).fit(one, datamodule=_Sampled(x, y, BATCH), ckpt_path=file)
+    assert_state_dicts_close(one.net.state_dict(), continued.net.state_dict(), atol=1e-5)
+    # without the module: the weights, which LightningModule.load_from_checkpoint reads
+    weights = to_lightning_checkpoint(tmp_path / "tp2", tmp_path / "weights.ckpt")
+    loaded = ImageClassifier.load_from_checkpoint(weights, net=CaseStudyCNN(**WIDTH))
+    assert_state_dicts_close(loaded.net.state_dict(), reference.net.state_dict(), atol=1e-5)
+    assert "optimizer_states" not in torch.load(weights, weights_only=False)
+
+
+class _Sampled(FixedDataModule):
+    """One process reading in the order Lightning's DistributedSampler gives a distributed run."""
+
+    def train_dataloader(self):
+        sampler = DistributedSampler(self.dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler)
+
+
+def test_consolidate_cli(tmp_path, capsys):
+    module = tiny_classifier(seed=0, **WIDTH)
+    save_distributed(tmp_path / "run" / "step-3", module, [module.configure_optimizers()], extra={"global_step": 3},
+                     layout="one process")
+    (tmp_path / "run" / "empty").mkdir()
+    assert consolidate_main(["list", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "step-3  step 3  [one process]" in out and "empty  NOT RESUMABLE" in out and "manifest.json is missing" in out
+    # no distnn-train config above it: the weights, and how to keep the optimizer state
+    assert consolidate_main(["consolidate", str(tmp_path / "run" / "step-3"), "-o", str(tmp_path / "w.ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "weights only" in out and "module=YourModule" in out
+    assert torch.load(tmp_path / "w.ckpt", weights_only=False)["global_step"] == 3
+    # bad input: one line that says what to pass, exit 2
+    for path, says in [(tmp_path / "nothing", "not a distributed checkpoint"), (tmp_path / "w.ckpt", "already a single-file")]:
+        assert consolidate_main(["consolidate", str(path)]) == 2
+        assert says in capsys.readouterr().err
 
 
 def test_errors_name_the_path_and_fix(tmp_path):

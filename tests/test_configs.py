@@ -16,6 +16,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import lightning_distnn  # noqa: F401
+from lightning_distnn.consolidate import default_output
+from lightning_distnn.consolidate import main as consolidate_main
 from lightning_distnn.strategies import get_strategy, registered_names
 from lightning_distnn.train import (
     CONF_DIR,
@@ -177,6 +179,14 @@ def test_main_job_toy_size_one_run_dir(tmp_path):
     assert "Tip:" not in noise and "LeafSpec" not in noise and "log_every_n_steps" not in noise
     # one run directory, no stray per-rank directories
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    # its checkpoint is a DCP directory: the log says how to make one Lightning file of it, and the
+    # command builds the model from the run's config, so the file keeps the optimizer state
+    (checkpoint,) = (tmp_path / "run" / "csv" / "checkpoints").iterdir()
+    assert f"distnn-checkpoint consolidate {checkpoint}" in proc.stdout + proc.stderr
+    assert consolidate_main(["consolidate", str(checkpoint)]) == 0
+    saved = torch.load(default_output(checkpoint), weights_only=False)
+    assert saved["global_step"] == 4 and saved["hyper_parameters"]["num_classes"] == 10
+    assert len(saved["optimizer_states"][0]["state"]) == len(saved["state_dict"]) == 16  # a momentum per parameter
 
 
 @pytest.mark.slow
