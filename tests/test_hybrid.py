@@ -23,8 +23,12 @@ LAYOUTS = {  # name -> HybridStrategy kwargs (4 processes each)
     "pp2xtp2": dict(dp=1, pp=2, tp=2, microbatches=2, partition="uniform"),
     # clipping by the whole model's norm with dp > 1 (norm over the stages, after the dp average)
     "dp2xpp2_clip": dict(dp=2, pp=2, tp=1, microbatches=2, partition="uniform"),
+    # ... and over the stages' tensor-parallel shards, each counted once
+    "pp2xtp2_clip": dict(dp=1, pp=2, tp=2, microbatches=2, partition="uniform"),
+    # ... and, without a pipeline, Lightning's own clipping over DTensor and plain gradients
+    "dp2xtp2_clip": dict(dp=2, pp=1, tp=2),
 }
-CLIP = {"dp2xpp2_clip": 0.05}
+CLIP = {"dp2xpp2_clip": 0.05, "pp2xtp2_clip": 0.05, "dp2xtp2_clip": 0.05}
 
 
 def _local_state(strategy, module):
@@ -72,7 +76,7 @@ def test_hybrid_layouts_match_single_process():
     expected = reference_train(tiny_classifier(seed=0), x, y, GLOBAL_BATCH, STEPS)
     from tests.test_pipeline import _reference_with_clip
 
-    clipped = {k: v.detach() for k, v in _reference_with_clip(STEPS, CLIP["dp2xpp2_clip"])[0].net.state_dict().items()}
+    clipped = {k: v.detach() for k, v in _reference_with_clip(STEPS, 0.05)[0].net.state_dict().items()}
     assert max((clipped[k] - expected[k]).abs().max().item() for k in expected) > 1e-4  # the clip bites
     for name, kwargs in LAYOUTS.items():
         want = clipped if name in CLIP else expected

@@ -400,12 +400,6 @@ class HybridStrategy(MeshStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if self.pipeline is not None:
-            if self.parallel_dims.tp > 1 and trainer.gradient_clip_val:
-                raise ValueError(
-                    f"gradient_clip_val={trainer.gradient_clip_val} with pp={self.parallel_dims.pp} x "
-                    f"tp={self.parallel_dims.tp}: clipping by the norm across pipeline stages does not yet include "
-                    "tensor-parallel shards. Clip with tp=1 (dp x pp) or pp=1 (dp x tp), or remove gradient_clip_val."
-                )
             group = self.pipeline.group
             plugin = self.precision_plugin
             replace_norm_clipping(

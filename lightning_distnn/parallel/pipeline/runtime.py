@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.tensor import DTensor
 
 from lightning_distnn.parallel.pipeline.schedules import (
     LOOPED,
@@ -375,18 +376,37 @@ def clip_grad_norm_across(
     Each pipeline rank holds different parameters: the squared local norms are summed over the
     group, so every stage scales by the same ``max_norm / (total_norm + 1e-6)`` (capped at 1),
     as one process clipping the whole model would.
+
+    Tensor-parallel gradients (DTensors, a stage sharded over its tp mesh) count once each: a shard's
+    squares are summed over its mesh (one all-reduce per mesh), a replicated one's taken as they are.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     device = grads[0].device if grads else torch.device("cpu")
     squared = torch.zeros((), dtype=torch.float32, device=device)
+    sharded: dict = {}  # tp mesh -> squares of the shards this rank holds
     for g in grads:
-        squared += g.detach().float().pow(2).sum()
+        if isinstance(g, DTensor):
+            if any(p.is_partial() for p in g.placements):
+                raise ValueError(f"a gradient with placements {g.placements} is a partial sum: reduce it before clipping.")
+            local = g.to_local().detach().float().pow(2).sum()
+            if any(p.is_shard() for p in g.placements):
+                sharded[g.device_mesh] = sharded.get(g.device_mesh, 0) + local
+                continue
+            squared += local
+        else:
+            squared += g.detach().float().pow(2).sum()
+    for mesh, part in sharded.items():
+        if mesh.ndim != 1:
+            raise ValueError(f"clipping across stages handles gradients sharded over a 1-D tp mesh, got {mesh}.")
+        dist.all_reduce(part, group=mesh.get_group())
+        squared += part
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(squared, group=group)
     total = squared.sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in grads:
-        g.detach().mul_(coef.to(g.dtype))
+        local = g.to_local() if isinstance(g, DTensor) else g
+        local.detach().mul_(coef.to(local.dtype))
     return total
 
 
