@@ -174,3 +174,24 @@ def test_registered():
     import lightning.pytorch as pl
 
     assert "distnn_hybrid" in pl.strategies.StrategyRegistry.available_strategies()
+
+
+def test_teardown_after_a_failed_step_keeps_that_error(monkeypatch, caplog):
+    """Lightning tears down inside its except block; moving DTensor parameters to the CPU can fail there
+    (the traceback still references them) and must not replace the user's error."""
+    from lightning_distnn.strategies.base import MeshStrategy
+
+    def cannot_swap(self):
+        raise RuntimeError("_apply(): Couldn't swap Linear.weight")
+
+    monkeypatch.setattr(MeshStrategy, "teardown", cannot_swap)
+    strategy = HybridStrategy(tp=2)
+    with pytest.raises(ValueError, match="the user's step failed"):
+        try:
+            raise ValueError("the user's step failed")
+        except ValueError:
+            strategy.teardown()
+            raise
+    assert "teardown after ValueError: _apply(): Couldn't swap" in caplog.text
+    with pytest.raises(RuntimeError, match="Couldn't swap"):  # without an error in flight it is not hidden
+        strategy.teardown()

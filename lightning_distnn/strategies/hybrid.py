@@ -32,6 +32,7 @@ reason (use the data-parallel strategies for them).
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -553,6 +554,15 @@ class HybridStrategy(MeshStrategy):
 
     @override
     def teardown(self) -> None:
+        failing = sys.exc_info()[1]  # Lightning tears down inside its except block when a step raised
         if self.net is not None:
             self.net.close()
-        super().teardown()
+        try:
+            super().teardown()
+        except RuntimeError as err:
+            if failing is None:
+                raise
+            # Lightning moves the module to the CPU; a DTensor parameter that the failed step's traceback
+            # still references cannot be swapped ("Couldn't swap Linear.weight"), which would hide the error
+            log.warning("teardown after %s: %s (left as it is; the error above is the one to read)",
+                        type(failing).__name__, str(err).splitlines()[0])
