@@ -126,6 +126,27 @@ def test_unknown_partitioner_and_option_errors():
         make_partitioner("random", TensorDataset(torch.zeros(0, 2)), num_replicas=2, rank=0)
 
 
+def test_dict_samples_name_the_option_to_pass():
+    """A dataset of dict samples (as many hubs return) has no (input, label) pair to read."""
+
+    class Records(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return {"image": torch.full((3, 4, 4), float(i)), "label": i % 3}
+
+    with pytest.raises(ValueError, match=r"Records\[0\] is a dict.*labels=\[\.\.\.\]"):
+        make_partitioner("stratified", Records(), num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match=r"Records\[0\] is a dict.*features=\.\.\."):
+        make_partitioner("kmeans", Records(), num_replicas=2, rank=0)
+    # the fixes the messages name
+    stratified = make_partitioner("stratified", Records(), num_replicas=2, rank=0, labels=[i % 3 for i in range(12)])
+    assert sorted(stratified.labels[list(stratified)].tolist()) == [0, 0, 1, 1, 2, 2]
+    features = torch.arange(12.0).reshape(12, 1)
+    assert len(list(make_partitioner("kmeans", Records(), num_replicas=2, rank=0, num_clusters=2, features=features))) == 6
+
+
 def test_data_module_partition_option():
     from lightning_distnn.data import DigitsDataModule
 

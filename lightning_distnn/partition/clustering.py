@@ -30,8 +30,9 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
         item = dataset[i]
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise ValueError(
-                f"{type(dataset).__name__}[{i}] is not an (input, label) pair: stratified partitioning needs labels. "
-                "Give the dataset a `targets` attribute or use partition=random/contiguous/kmeans."
+                f"{type(dataset).__name__}[{i}] is a {type(item).__name__}, not an (input, label) pair: stratified "
+                "partitioning needs labels. Give the dataset a `targets` attribute, pass labels=[...] (one per "
+                "sample; make_partitioner and partition_options take it too), or use partition=random/contiguous."
             )
         labels.append(int(item[1]))
     return torch.tensor(labels, dtype=torch.long)
@@ -46,6 +47,14 @@ def dataset_features(dataset: Dataset, max_side: int = 8) -> torch.Tensor:
     elif callable(getattr(dataset, "all_inputs", None)):
         x = dataset.all_inputs()
     else:
+        first = dataset[0]
+        if not isinstance(first, (tuple, list)) or not isinstance(first[0], (torch.Tensor, int, float, list)):
+            raise ValueError(
+                f"{type(dataset).__name__}[0] is a {type(first).__name__}, not an (input, ...) tuple whose first "
+                "element is the input: k-means partitioning clusters the inputs. Pass features=... (an (n, d) tensor, "
+                "one row per sample; make_partitioner and partition_options take it too), give the dataset an "
+                "all_inputs() method, or use partition=random/contiguous/stratified."
+            )
         x = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(len(dataset))])
     x = x.float()
     if x.dim() == 4 and max(x.shape[-2:]) > max_side:
