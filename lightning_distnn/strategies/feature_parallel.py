@@ -88,7 +88,8 @@ class FeatureParallelStrategy(MeshStrategy):
             raise ValueError(
                 f"the model splits the features into {net.plan.parts} slices ({net.plan.kind}) but the run has "
                 f"{processes} processes (devices x num_nodes): one slice per process. Set Trainer(devices="
-                f"{net.plan.parts}) or build the model with parts={processes}."
+                f"{net.plan.parts}) or build the model with parts={processes} (distnn-train: trainer.devices="
+                f"{net.plan.parts} or model.parts={processes})."
             )
 
     @override
