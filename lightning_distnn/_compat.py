@@ -3,7 +3,11 @@
 Each entry says where it is used, the versions it was checked against (Lightning 2.6.6 and
 torch 2.14.1 unless noted; the package declares lightning>=2.4, torch>=2.5) and what breaks if
 it changes. Nothing else in the package imports a ``_private`` name of Lightning or torch, sets
-an attribute of theirs that starts with ``_``, or replaces a method of one of their objects.
+an attribute of theirs that starts with ``_``, or replaces a method of one of their objects, with
+two exceptions that document their own: ``parallel/pipeline/overlap.py`` (built throughout on
+torch's private pipeline action runtime) and ``testing/wire.py`` (a test utility recording
+functional collectives with torch's dispatch mode). ``tests/test_packaging.py`` fails on any other
+private import.
 """
 
 from __future__ import annotations
