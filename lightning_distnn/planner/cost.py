@@ -85,8 +85,10 @@ class Layout:
         return text
 
     def stage_ranks(self) -> list[int]:
-        """Pipeline rank of every stage (looped schedules place stage ``s`` on rank ``s % pp``)."""
-        return [s % self.pp for s in range(self.num_stages)]
+        """Pipeline rank of every stage, as the pipeline runtime places them (looped: ``s % pp``)."""
+        from lightning_distnn.parallel.pipeline.schedules import stage_ranks
+
+        return stage_ranks(self.schedule, self.num_stages, self.pp)
 
 
 @dataclass(frozen=True)
