@@ -71,7 +71,7 @@ def _train_fp(rank, world_size, partition, digits_epochs, checkpoint=None):
     if digits_epochs:
         from lightning_distnn.data import DigitsDataModule
 
-        torch.manual_seed(1)
+        torch.manual_seed(1 + rank)  # each rank its own initialisation, as an unseeded script: the tops must agree
         digits_model = SplitClassifier(parts=world_size, sample_shape=(3, IMAGE, IMAGE), width=8, embed_dim=16, top_width=64)
         dm = DigitsDataModule(image_size=IMAGE, batch_size=32)
         trainer = quiet_trainer(FeatureParallelStrategy(timeout=60), devices=world_size, max_steps=-1, max_epochs=digits_epochs)

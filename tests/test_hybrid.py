@@ -29,6 +29,12 @@ LAYOUTS = {  # name -> HybridStrategy kwargs (4 processes each)
     "dp2xtp2_clip": dict(dp=2, pp=1, tp=2),
 }
 CLIP = {"dp2xpp2_clip": 0.05, "pp2xtp2_clip": 0.05, "dp2xtp2_clip": 0.05}
+# every rank builds the model from its own seed (as an unseeded script under Lightning's launcher does):
+# the replicas must still start from one initialisation, that of the ranks at dp = tp = 0
+LAYOUTS.update({
+    "dp2xpp2_own_seeds": dict(dp=2, pp=2, tp=1, microbatches=2, partition="uniform"),
+    "dp2xtp2_own_seeds": dict(dp=2, pp=1, tp=2),
+})
 
 
 def _local_state(strategy, module):
@@ -59,7 +65,9 @@ def _train_layouts(rank, world_size, layouts):
     out = {}
     for name in layouts:
         kwargs = LAYOUTS[name]
-        module = tiny_classifier(seed=0)
+        pp, tp = kwargs["pp"], kwargs["tp"]
+        first = rank // (pp * tp) == 0 and rank % tp == 0  # dp = tp = 0 on the (dp, pp, tp) mesh
+        module = tiny_classifier(seed=0 if first or not name.endswith("_own_seeds") else 100 + rank)
         strategy = HybridStrategy(timeout=60, **kwargs)
         trainer = quiet_trainer(strategy, devices=world_size, max_steps=STEPS, gradient_clip_val=CLIP.get(name))
         trainer.fit(module, datamodule=FixedDataModule(x, y, GLOBAL_BATCH // kwargs["dp"]))

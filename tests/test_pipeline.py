@@ -51,6 +51,18 @@ def _local_net_state(module):
     return {k: v.detach().cpu().clone() for k, v in module.net.state_dict().items()}
 
 
+class _BuiltInConfigureModel(ImageClassifier):
+    """Builds its network in Lightning's ``configure_model`` hook, as large models do."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(net=None)
+        self.seed = seed
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = tiny_classifier(seed=self.seed).net
+
+
 def _train_every_schedule(rank, world_size, cases, ckpt_path):
     x, y = digits_tensors(STEPS * GLOBAL_BATCH + GLOBAL_BATCH)
     results = {}
@@ -73,6 +85,14 @@ def _train_every_schedule(rank, world_size, cases, ckpt_path):
             "wire": (window.wire.bytes(["isend"]), window.wire.bytes(["irecv"])),
             "images": stats.images,
         }
+
+    # a module that builds its network in Lightning's configure_model hook (it is None before): checked and
+    # split after the hook, on every rank
+    late = _BuiltInConfigureModel(seed=0)
+    trainer = quiet_trainer(PipelineStrategy(schedule="1f1b", microbatches=MICRO, partition="uniform", timeout=60),
+                            world_size, STEPS)
+    trainer.fit(late, datamodule=FixedDataModule(x[: STEPS * GLOBAL_BATCH], y[: STEPS * GLOBAL_BATCH], GLOBAL_BATCH))
+    results["configure_model"] = _local_net_state(late)
 
     # checkpoint after the first epoch (2 steps), resume from it (other initial weights, so everything must come
     # from the checkpoint) to the end of the second: the weights, the momentum and the loop's step all count
@@ -146,6 +166,9 @@ def test_every_schedule_matches_single_process(tmp_path):
                                GLOBAL_BATCH, STEPS)
     initial = tiny_classifier(seed=0).net.state_dict()
     assert any((expected[k] - initial[k]).abs().max() > 1e-3 for k in expected), "reference did not train"
+
+    late = {k: v for r in per_rank for k, v in r["configure_model"].items()}
+    assert_state_dicts_close(late, expected, atol=1e-5)
 
     for i, (schedule, partition, clip) in enumerate(CASES):
         merged = {}
@@ -326,3 +349,16 @@ def test_module_contract_and_depth_checked_before_any_step():
         _connected(PipelineStrategy(schedule="looped_bfs", partition="uniform")).connect(shallow)
     with pytest.raises(ValueError, match="covers 7 layers, the network has 8"):
         _connected(PipelineStrategy(partition=[3, 4])).connect(tiny_classifier())
+
+
+def test_configure_model_module_is_checked_after_the_hook():
+    """Its layers do not exist before Lightning's configure_model hook: the check waits for it (on every rank)."""
+    strategy = _connected(PipelineStrategy(partition="uniform"))
+    module = _BuiltInConfigureModel(seed=0)
+    strategy.connect(module)  # no layers yet: no error here
+    with pytest.raises(TypeError, match="exactly one nn.Sequential"):
+        with strategy.model_sharded_context():
+            pass  # a hook that built nothing
+    with strategy.model_sharded_context():
+        module.configure_model()
+    assert isinstance(module.net, nn.Sequential)

@@ -6,6 +6,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.tensor import DTensor
 
 
@@ -42,3 +43,34 @@ def flat_average_(
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
     return wire.numel() * wire.element_size()
+
+
+@torch.no_grad()
+def broadcast_replicas_(
+    module: nn.Module,
+    *,
+    group: Optional[dist.ProcessGroup],
+    plain_only: bool = False,
+) -> None:
+    """Give every rank of ``group`` the parameters and buffers of ``module`` that the group's first rank holds.
+
+    Replicas must start equal: Lightning's launcher runs the user's script once per rank, so a model
+    built without a seed is initialised differently on each (DDP broadcasts at wrap time for the same
+    reason). DTensors go through their local shards (the group's peers hold the same shard);
+    ``plain_only`` skips them (over a tensor-parallel group, whose DTensors were already distributed
+    from one rank). One broadcast per dtype, flat.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if not (plain_only and isinstance(t, DTensor))]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(local_part(t))
+    src = dist.get_global_rank(group, 0)
+    for parts in by_dtype.values():
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        dist.broadcast(flat, src=src, group=group)
+        offset = 0
+        for p in parts:
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_distnn.parallel.collectives import flat_average_
+from lightning_distnn.parallel.collectives import broadcast_replicas_, flat_average_
 from lightning_distnn.partition.features import FeaturePlan
 
 
@@ -141,6 +141,8 @@ def apply_feature_parallel(net: SplitNet, *, rank: int, world_size: int, group: 
         if r != rank:
             net.bottoms[r] = nn.Identity()  # drop the other ranks' bottoms: each rank holds one
     net.rank, net.group = rank, group
+    if dist.is_available() and dist.is_initialized():  # the top's replicas start equal, seeded or not
+        broadcast_replicas_(net.top, group=group if group is not None else dist.group.WORLD)
     return net
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from lightning_distnn.mesh import Axis, ParallelDims
-from lightning_distnn.parallel.collectives import flat_average_
+from lightning_distnn.parallel.collectives import broadcast_replicas_, flat_average_
 from lightning_distnn.parallel.pipeline import Pipeline, apply_pipeline
 from lightning_distnn.parallel.tensor import REPLICATE, TPPlan, apply_tp, comm_bytes, leaves
 from lightning_distnn.partition.model import StagePlan
@@ -193,6 +193,9 @@ def parallelize(
         modules = list(pipeline.modules)
     else:
         modules = [shard(net.to(device))]
+    for module in modules:  # replicas start equal, seeded or not: over tp (plain tensors), then over dp
+        broadcast_replicas_(module, group=dims.group(Axis.TP) if dims.tp > 1 else None, plain_only=True)
+        broadcast_replicas_(module, group=dims.group(Axis.DP) if dims.dp > 1 else None)
     grad_sync = apply_dp(modules, group=dims.group(Axis.DP) if dims.dp > 1 else None, compression=compression)
     out = ParallelNet(dims=dims, modules=modules, pipeline=pipeline, grad_sync=grad_sync, tp_plans=tp_plans, stage_plan=stage_plan)
     if tp_plans:

@@ -9,7 +9,9 @@ SLURM, process group) plus the things every strategy of ours shares, each in one
   :meth:`setup_environment`, where every process group of every mesh axis gets the strategy's
   ``timeout``;
 * **the model is checked** against what the strategy needs (:meth:`check_model`) in the
-  launching process and again on every rank (torchrun/SLURM start the ranks themselves);
+  launching process and again on every rank (torchrun/SLURM start the ranks themselves); a module
+  that builds its layers in Lightning's ``configure_model`` hook is checked on every rank right
+  after that hook;
 * samplers split the samples over the mesh's ``dp`` axis (:attr:`distributed_sampler_kwargs`);
 * **checkpoints are written and read** here: torch.distributed.checkpoint directories keyed by the
   unsplit model's parameter names (:mod:`lightning_distnn.checkpoint`), so a run saved under one
@@ -24,11 +26,13 @@ feature-parallel strategy.
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Generator, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_distnn._compat import check_model_before_launch, patient_launcher, strategy_timeout, unwrap_optimizers
@@ -81,11 +85,27 @@ class MeshStrategy(DDPStrategy):
         self._planned_layout()
         super()._configure_launcher()
         self._launcher = patient_launcher(self._launcher)  # its observer lets rank 0 name a dead rank first
-        check_model_before_launch(self._launcher, self.check_model)
+        check_model_before_launch(self._launcher, self._check_model_if_built)
+
+    def _check_model_if_built(self, model: pl.LightningModule) -> None:
+        """:meth:`check_model` now, or, for a module that builds its layers in Lightning's ``configure_model``
+        hook, right after that hook has run on each rank (:meth:`model_sharded_context`)."""
+        if not is_overridden("configure_model", model):
+            self.check_model(model)
+
+    @override
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        # Lightning runs the module's configure_model() inside this context, on every rank, before setup
+        with super().model_sharded_context():
+            yield
+        model = self.lightning_module
+        if model is not None and is_overridden("configure_model", model):
+            self.check_model(model)
 
     @override
     def connect(self, model: pl.LightningModule) -> None:
-        self.check_model(model)
+        self._check_model_if_built(model)
         super().connect(model)
         if self.fault_monitor:
             attach_fault_monitor(model.trainer, self.fault_monitor)
