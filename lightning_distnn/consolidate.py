@@ -51,7 +51,7 @@ __all__ = ["configured_optimizers", "default_output", "main", "to_lightning_chec
 # read on this process alone, also inside a distributed job (torch >= 2.6; older torch decides by itself)
 _NO_DIST = {"no_dist": True} if "no_dist" in inspect.signature(dcp.load).parameters else {}
 # what Lightning's ModelCheckpoint(save_weights_only=True) leaves out
-_TRAINING_STATE = ("optimizer_states", "lr_schedulers")
+_TRAINING_STATE = ("optimizer_states", "lr_schedulers", "callbacks")
 
 
 def configured_optimizers(module: nn.Module) -> list[torch.optim.Optimizer]:
@@ -142,6 +142,9 @@ def to_lightning_checkpoint(
             checkpoint.pop(key, None)
         checkpoint["state_dict"] = _weights(path)
     else:
+        configure_model = getattr(module, "configure_model", None)
+        if callable(configure_model):  # a LightningModule that builds its layers there (the hook is idempotent)
+            configure_model()
         if optimizers is None:
             meta_file = path / META_FILE
             saved = torch.load(meta_file, weights_only=False).get("_distnn_optimizers", 0) if meta_file.is_file() else 0
@@ -156,8 +159,12 @@ def to_lightning_checkpoint(
         checkpoint = load_distributed(path, module, list(optimizers), verify=False)
         checkpoint.pop("_distnn_optimizers", None)
         checkpoint["state_dict"] = module.state_dict()
-        checkpoint["optimizer_states"] = [o.state_dict() for o in optimizers]
-        checkpoint.setdefault("lr_schedulers", [])
+        if optimizers:
+            checkpoint["optimizer_states"] = [o.state_dict() for o in optimizers]
+            checkpoint.setdefault("lr_schedulers", [])
+        else:  # saved without optimizer state: a weights-only file, which Lightning refuses to resume from
+            for key in _TRAINING_STATE:
+                checkpoint.pop(key, None)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, out)
     return out
@@ -246,10 +253,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     numel = sum(t.numel() for t in checkpoint["state_dict"].values() if isinstance(t, torch.Tensor))
     print(f"wrote {out}: {len(checkpoint['state_dict'])} tensors ({numel:,} numbers), "
           f"epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}")
-    if module is not None:
+    if module is not None and "optimizer_states" in checkpoint:
         print(f"model built from {config}: optimizer state included ({len(checkpoint['optimizer_states'])} "
               "optimizer(s)); Trainer(...).fit(model, ckpt_path=...) resumes from it on one process, under "
               "Lightning's strategies or distnn_dp.")
+    elif module is not None:
+        print("weights only (the checkpoint holds no optimizer state): YourModule.load_from_checkpoint(...) reads it.")
     else:
         why = "--weights-only" if args.weights_only else "no distnn-train run config (.hydra/config.yaml) above it"
         print(f"weights only ({why}): YourModule.load_from_checkpoint(...) reads it. To resume training from it, "
