@@ -355,3 +355,31 @@ def test_model_with_fewer_classes_than_the_data_is_refused(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match=r"data has num_classes=10 .* model ImageClassifier has num_classes=5"):
         trainer.fit(model, ImageFolderDataModule(root=str(root), image_size=16, batch_size=4))
+
+
+def test_rank_0_outlives_another_reporter():
+    """Rank 0 may host the run's store: when it noticed the failure last and another rank reports, it stays
+    until that report is printed (it used to exit at once, taking the store and the message with it)."""
+    import threading
+
+    from lightning_distnn.faults.monitor import handle_failure
+
+    hbs = _cluster(3)
+    for hb in hbs:
+        hb.beat()
+    hbs[2].store.set("beat/2", Beat(2, 4, time.time() - 60, "other-host", 4242, 1).to_bytes())
+    assert hbs[1].claim_report()  # rank 1 noticed first and claimed the report
+    left = {}
+
+    def rank_0():
+        handle_failure(hbs[0], RuntimeError("Connection closed by peer"), grace=0.1, exit=False)
+        left["rank 0"] = hbs[0].reported()
+
+    thread = threading.Thread(target=rank_0)
+    thread.start()
+    time.sleep(1.0)
+    assert thread.is_alive()  # waiting for the reporter, not gone with the store
+    hbs[1].report_failure(RuntimeError("Connection closed by peer"))
+    hbs[1].mark_reported()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and left == {"rank 0": True}

@@ -147,6 +147,14 @@ class Heartbeat:
         with self._lock:
             self.store.set(f"exiting/{self.rank}", b"1")
 
+    def mark_reported(self) -> None:
+        """The reporter is done with the store (it printed the message and waited for the others)."""
+        with self._lock:
+            self.store.set("reported", b"1")
+
+    def reported(self) -> bool:
+        return self._get("reported") is not None
+
     def exited(self) -> set[int]:
         """Ranks that marked themselves exiting."""
         return {r for r in range(self.world_size) if self._get(f"exiting/{r}") is not None}

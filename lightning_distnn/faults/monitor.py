@@ -48,6 +48,15 @@ def _await_exits(heartbeat: Heartbeat, report: FaultReport, timeout: float) -> N
         time.sleep(0.1)
 
 
+def _await_report(heartbeat: Heartbeat, timeout: float) -> None:
+    """Rank 0 when another rank claimed the report (rank 0 noticed the failure late, e.g. on a busy host):
+    Lightning's launcher and torchrun's ``env://`` start the run's store in rank 0, so rank 0 stays (up to
+    ``timeout`` s) until the reporter is done with it; otherwise the report dies with the store, unprinted."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not heartbeat.reported():
+        time.sleep(0.1)
+
+
 def handle_failure(
     heartbeat: Heartbeat,
     error: BaseException | str,
@@ -81,8 +90,11 @@ def handle_failure(
             stopped_here = [c.pid for c in report.culprits if c.state == "stopped" and c.host == heartbeat.host]
             kill_processes(stopped_here)
             _await_exits(heartbeat, report, grace + 2.0)
+            heartbeat.mark_reported()
         else:
             heartbeat.mark_exiting()
+            if heartbeat.rank == 0:  # it may host the store the reporter still needs: leave after the report
+                _await_report(heartbeat, grace + 10.0)
     except Exception as exc:  # noqa: BLE001 - the store may be gone with its host; still end quietly
         if heartbeat.rank == 0 and isinstance(exc, (dist.DistStoreError, ConnectionError, TimeoutError)):
             print(f"[distnn] rank 0 failed ({error}); the run's store is unreachable ({exc}).", file=sys.stderr)
