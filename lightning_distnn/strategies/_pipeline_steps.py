@@ -22,7 +22,9 @@ from lightning_distnn.strategies._common import swapped_child
 
 _SPLIT_MESSAGE = (
     "This network is split over pipeline stages and holds only this rank's layers: run it through the "
-    "Trainer (fit/validate/test/predict), or load a checkpoint (it has the full model) into an unsplit module."
+    "Trainer (fit/validate/test/predict), or load a checkpoint (it has the full model) into an unsplit module: "
+    "lightning_distnn.checkpoint.load_distributed(dir, module), or `distnn-checkpoint consolidate dir` for one "
+    "Lightning file that YourModule.load_from_checkpoint reads."
 )
 
 
