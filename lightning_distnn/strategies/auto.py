@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional, Sequence
 
-import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -146,19 +145,11 @@ class AutoStrategy(HybridStrategy):
     @staticmethod
     def _count_optimizer_states(module) -> int:
         """Tensors per parameter the module's optimizer keeps (the largest over its optimizers; 1 if unknown)."""
+        from lightning_distnn.consolidate import configured_optimizers
         from lightning_distnn.planner.profile import optimizer_states_of
 
-        def found(conf) -> list:  # every form configure_optimizers may return (Lightning's docs)
-            if isinstance(conf, torch.optim.Optimizer):
-                return [conf]
-            if isinstance(conf, dict):
-                return found(conf.get("optimizer"))
-            if isinstance(conf, (list, tuple)):
-                return [o for item in conf for o in found(item)]
-            return []
-
         try:
-            optimizers = found(module.configure_optimizers())
+            optimizers = configured_optimizers(module)
             if not optimizers:
                 raise TypeError("configure_optimizers returned no torch.optim.Optimizer")
             return max(optimizer_states_of(o) for o in optimizers)
