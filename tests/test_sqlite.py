@@ -120,6 +120,52 @@ def test_converter_command(tmp_path, capsys):
         sqlite_main(["--source", "mnist", "--out", str(out)])
 
 
+def test_a_users_own_table_or_csv(tmp_path, capsys):
+    """``--source query`` (any SQL on any SQLite file) and ``--source csv``: numeric feature columns, a label
+    column of any values; each becomes our schema, so every rank then reads only its shard of it."""
+    import csv as csv_module
+
+    rows = [(i, 20.0 + i, 1000.0 * (i % 7), ["bronze", "gold", "silver"][i % 3]) for i in range(50)]
+    db = tmp_path / "shop.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, age REAL, income REAL, segment TEXT)")
+        conn.executemany("INSERT INTO customers VALUES (?, ?, ?, ?)", rows)
+    with open(tmp_path / "shop.csv", "w", newline="") as f:
+        writer = csv_module.writer(f)
+        writer.writerow(["age", "income", "segment"])
+        writer.writerows(r[1:] for r in rows)
+    common = ["--label", "segment", "--val-fraction", "0.2", "--test-fraction", "0.2"]
+    query = ["--source", "query", "--db", str(db), "--query", "SELECT age, income, segment FROM customers"]
+    assert sqlite_main([*query, *common, "--out", str(tmp_path / "q.sqlite")]) == 0
+    assert sqlite_main(["--source", "csv", "--csv", str(tmp_path / "shop.csv"), *common, "--out", str(tmp_path / "c.sqlite")]) == 0
+    assert "bronze, gold, silver" in capsys.readouterr().out  # the classes, in label order
+    q, c = SQLiteDataset(tmp_path / "q.sqlite"), SQLiteDataset(tmp_path / "c.sqlite")
+    assert len(q) == len(c) == 30 and tuple(q.shape) == (2,) and q.num_classes == 3
+    for i in range(len(q)):
+        (xq, yq), (xc, yc) = q[i][:2], c[i][:2]
+        assert torch.equal(xq, xc) and yq == yc
+        assert ["bronze", "gold", "silver"][yq] == rows[int(xq[0]) - 20][3]  # the row's own label
+    dm = SQLiteDataModule(path=str(tmp_path / "q.sqlite"), partition="stratified", batch_size=10)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (10, 2) and y.dtype == torch.long
+    # bad input: exit 2 with one line naming the fix
+    for argv, says in [
+        ([*query, "--label", "tier"], "no column 'tier'"),
+        (["--source", "query", "--db", str(db), "--query", "SELECT * FROM customers", "--label", "segment"], None),
+        (["--source", "query", "--db", str(db), "--query", "SELECT age, segment FROM shop", "--label", "segment"],
+         "no such table: shop"),
+        (["--source", "query", "--db", str(db), "--query", "SELECT segment, age FROM customers", "--label", "age"],
+         "column 'segment' holds 'bronze', not a number"),
+        (["--source", "csv", "--label", "segment"], "needs --csv FILE"),
+    ]:
+        code = sqlite_main([*argv, "--out", str(tmp_path / "x.sqlite"), "--overwrite"])
+        if says is None:  # every column but the label is a feature, the integer id too
+            assert code == 0 and tuple(SQLiteDataset(tmp_path / "x.sqlite").shape) == (3,)
+        else:
+            assert code == 2 and says in capsys.readouterr().err
+
+
 def test_image_folder(tmp_path, tensors):
     x, y = tensors
     root = export_image_folder(x[:30], y[:30], tmp_path / "images")

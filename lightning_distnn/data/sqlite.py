@@ -32,13 +32,13 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_distnn.data.base import ImageDataModule
+from lightning_distnn.data.base import ImageDataModule, split_indices
 
 FORMAT = "lightning_distnn.sqlite"
 VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
 SPLITS = ("train", "val", "test")
-SOURCES = ("digits", "synthetic", "cifar10", "image_folder")
+SOURCES = ("digits", "synthetic", "cifar10", "image_folder", "query", "csv")
 _MAX_PARAMS = 900  # stay below SQLite's host-parameter limit in one IN (...) query
 
 SCHEMA = """
@@ -360,8 +360,83 @@ def _source_module(args: argparse.Namespace) -> ImageDataModule:
     raise ValueError(f"Unknown --source {args.source!r}; valid sources: {', '.join(SOURCES)}.")
 
 
+def table_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]], label: str, where: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Rows of a table -> ``(features (n, F) float32, labels (n,) long, class names)``.
+
+    Every column but ``label`` is a feature and must hold numbers; the labels may be anything: their
+    distinct values, sorted, become the classes ``0..C-1`` (integers keep their order).
+    """
+    columns = list(columns)
+    if label not in columns:
+        raise ValueError(f"{where} has no column {label!r} to use as the label; its columns are {', '.join(columns)}: "
+                         "pass --label with one of them.")
+    li = columns.index(label)
+    features = [c for i, c in enumerate(columns) if i != li]
+    if not features:
+        raise ValueError(f"{where} has only the label column {label!r}: select the feature columns too.")
+    x, y = [], []
+    for n, row in enumerate(rows):
+        try:
+            x.append([float(v) for i, v in enumerate(row) if i != li])
+        except (TypeError, ValueError):
+            bad = next(c for i, (c, v) in enumerate(zip(columns, row)) if i != li and not _is_number(v))
+            raise ValueError(f"{where}, row {n}: column {bad!r} holds {row[columns.index(bad)]!r}, not a number. Select "
+                             "only numeric feature columns (encode the others first).") from None
+        y.append(row[li])
+    if not x:
+        raise ValueError(f"{where} returned no rows: there is nothing to convert.")
+    classes = sorted(set(y), key=lambda v: (not _is_number(v), float(v) if _is_number(v) else 0.0, str(v)))
+    index = {v: i for i, v in enumerate(classes)}
+    return torch.tensor(x, dtype=torch.float32), torch.tensor([index[v] for v in y]), [str(c) for c in classes]
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+        return value is not None
+    except (TypeError, ValueError):
+        return False
+
+
+def _table_source(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    if args.source == "query":
+        if not args.db or not args.query:
+            raise ValueError("--source query needs --db FILE and --query 'SELECT <feature columns>, <label> FROM ...'.")
+        db = Path(args.db).expanduser()
+        if not db.is_file():
+            raise FileNotFoundError(f"--db {db} does not exist.")
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            cursor = conn.execute(args.query)
+            columns = [d[0] for d in cursor.description]
+            return table_rows(columns, cursor.fetchall(), args.label, f"--query on {db}")
+        except sqlite3.Error as exc:
+            raise ValueError(f"--query failed on {db}: {exc}. Check the SQL (sqlite3 {db} '.schema' shows the tables).") from exc
+        finally:
+            conn.close()
+    import csv
+
+    if not args.csv:
+        raise ValueError("--source csv needs --csv FILE (a header row, then one sample per row).")
+    path = Path(args.csv).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--csv {path} does not exist.")
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"--csv {path} is empty.")
+        return table_rows(header, list(reader), args.label, f"--csv {path}")
+
+
 def convert(args: argparse.Namespace) -> Path:
     """Write the train/val/test splits of a supported dataset to an SQLite file."""
+    if args.source in ("query", "csv"):
+        x, y, classes = _table_source(args)
+        train, val, test = split_indices(len(x), (args.val_fraction, args.test_fraction), seed=args.seed)
+        splits = {name: (x[idx], y[idx]) for name, idx in (("train", train), ("val", val), ("test", test))}
+        return write_sqlite(args.out, splits, num_classes=len(classes), source=f"{args.source}: {', '.join(classes)}",
+                            dtype=args.dtype, overwrite=args.overwrite)
     dm = _source_module(args)
     dm.setup()
     splits = {"train": dm.train_set, "val": dm.val_set, "test": dm.test_set}
@@ -377,6 +452,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=int, default=5000, help="cifar10: training images held out for validation")
     p.add_argument("--root", default="data/images", help="image_folder: folder with one sub-folder per class")
     p.add_argument("--num-samples", type=int, default=2048, help="synthetic: training samples")
+    p.add_argument("--db", help="query: the SQLite file to read (opened read-only)")
+    p.add_argument("--query", help="query: SQL whose columns are the features and the label, e.g. "
+                   "'SELECT age, income, churned FROM customers'")
+    p.add_argument("--csv", help="csv: the file to read (a header row, then one sample per row)")
+    p.add_argument("--label", default="label", help="query, csv: the label column (its distinct values are the classes)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="query, csv: rows held out for validation")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="query, csv: rows held out for testing")
+    p.add_argument("--seed", type=int, default=0, help="query, csv: seed of the split")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage type of the images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     return p
@@ -396,7 +479,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[:1] == ["convert"]:
         argv = argv[1:]
     args = _parser().parse_args(argv)
-    out = convert(args)
+    try:
+        out = convert(args)
+    except (OSError, ValueError) as exc:  # bad input: one line that says what to pass
+        print(f"distnn-to-sqlite: {exc}", file=sys.stderr)
+        return 2
     conn, info = open_database(out)
     conn.close()
     print(f"wrote {out}: {json.dumps(info)}")
