@@ -134,6 +134,8 @@ def test_a_users_own_table_or_csv(tmp_path, capsys):
         writer = csv_module.writer(f)
         writer.writerow(["age", "income", "segment"])
         writer.writerows(r[1:] for r in rows)
+    short = tmp_path / "short.csv"
+    short.write_text("age,income,segment\n20,1000,gold\n21,silver\n")
     common = ["--label", "segment", "--val-fraction", "0.2", "--test-fraction", "0.2"]
     query = ["--source", "query", "--db", str(db), "--query", "SELECT age, income, segment FROM customers"]
     assert sqlite_main([*query, *common, "--out", str(tmp_path / "q.sqlite")]) == 0
@@ -158,6 +160,7 @@ def test_a_users_own_table_or_csv(tmp_path, capsys):
         (["--source", "query", "--db", str(db), "--query", "SELECT segment, age FROM customers", "--label", "age"],
          "column 'segment' holds 'bronze', not a number"),
         (["--source", "csv", "--label", "segment"], "needs --csv FILE"),
+        (["--source", "csv", "--csv", str(short), "--label", "segment"], "row 1: 2 values for 3 columns"),
     ]:
         code = sqlite_main([*argv, "--out", str(tmp_path / "x.sqlite"), "--overwrite"])
         if says is None:  # every column but the label is a feature, the integer id too

@@ -376,11 +376,13 @@ def table_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]], label: str
         raise ValueError(f"{where} has only the label column {label!r}: select the feature columns too.")
     x, y = [], []
     for n, row in enumerate(rows):
+        if len(row) != len(columns):
+            raise ValueError(f"{where}, row {n}: {len(row)} values for {len(columns)} columns ({', '.join(columns)}).")
         try:
             x.append([float(v) for i, v in enumerate(row) if i != li])
         except (TypeError, ValueError):
-            bad = next(c for i, (c, v) in enumerate(zip(columns, row)) if i != li and not _is_number(v))
-            raise ValueError(f"{where}, row {n}: column {bad!r} holds {row[columns.index(bad)]!r}, not a number. Select "
+            bad = next(i for i, v in enumerate(row) if i != li and not _is_number(v))
+            raise ValueError(f"{where}, row {n}: column {columns[bad]!r} holds {row[bad]!r}, not a number. Select "
                              "only numeric feature columns (encode the others first).") from None
         y.append(row[li])
     if not x:
