@@ -173,10 +173,19 @@ def to_lightning_checkpoint(
 # ---- distnn-checkpoint ---------------------------------------------------------------------------
 
 
-def _run_module(path: Path) -> tuple[Optional[nn.Module], Optional[Path]]:
-    """The LightningModule of the ``distnn-train`` run that holds ``path``, from its ``.hydra/config.yaml``."""
-    for parent in path.resolve().parents:
-        config = parent / ".hydra" / "config.yaml"
+def _run_module(path: Path, run: Optional[str] = None) -> tuple[Optional[nn.Module], Optional[Path]]:
+    """The LightningModule of a ``distnn-train`` run, from its ``.hydra/config.yaml``: that of ``run`` (a run
+    directory or the file), else the first found above ``path``."""
+    if run is not None:
+        config = Path(run)
+        config = config / ".hydra" / "config.yaml" if config.is_dir() else config
+        if not config.is_file():
+            raise FileNotFoundError(f"--run {run} is neither a distnn-train run directory (with .hydra/config.yaml) nor "
+                                    "that config file.")
+        candidates = [config]
+    else:
+        candidates = [parent / ".hydra" / "config.yaml" for parent in path.resolve().parents]
+    for config in candidates:
         if config.is_file():
             import hydra
             from omegaconf import OmegaConf
@@ -203,6 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     cons.add_argument("path", help="the checkpoint directory, e.g. outputs/<date>/<time>/csv/checkpoints/last.ckpt")
     cons.add_argument("-o", "--out", help="the file to write (default: <name>.consolidated.ckpt beside it)")
+    cons.add_argument("--run", help="the distnn-train run directory whose config builds the model (default: the "
+                      "one above PATH; elastic checkpoints sit in the launch directory, outside it)")
     cons.add_argument("--weights-only", action="store_true", help="do not build the run's model: weights only")
     cons.add_argument("--no-verify", action="store_true", help="skip the CRC32 check of the files")
     lst = sub.add_parser("list", help="every checkpoint under a directory: step, layout, complete or why not")
@@ -235,7 +246,7 @@ def _list(directory: Path, as_json: bool) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``distnn-checkpoint consolidate PATH [-o FILE] [--weights-only]`` or ``distnn-checkpoint list DIR``."""
+    """``distnn-checkpoint consolidate PATH [-o FILE] [--run DIR] [--weights-only]`` or ``distnn-checkpoint list DIR``."""
     args = _parser().parse_args(argv)
     if args.command == "list":
         return _list(Path(args.directory), args.json)
@@ -244,7 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         _check_readable(path, verify=not args.no_verify)
         if not args.weights_only:
-            module, config = _run_module(path)
+            module, config = _run_module(path, args.run)
         out = to_lightning_checkpoint(path, args.out, module, verify=False)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"distnn-checkpoint: {exc}", file=sys.stderr)
@@ -262,7 +273,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         why = "--weights-only" if args.weights_only else "no distnn-train run config (.hydra/config.yaml) above it"
         print(f"weights only ({why}): YourModule.load_from_checkpoint(...) reads it. To resume training from it, "
-              "call lightning_distnn.consolidate.to_lightning_checkpoint(path, module=YourModule(...)) in Python.")
+              "pass --run <the distnn-train run directory>, or call lightning_distnn.consolidate."
+              "to_lightning_checkpoint(path, module=YourModule(...)) in Python.")
     return 0
 
 

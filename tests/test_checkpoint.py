@@ -146,9 +146,20 @@ def test_consolidate_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "weights only" in out and "module=YourModule" in out
     assert torch.load(tmp_path / "w.ckpt", weights_only=False)["global_step"] == 3
+    # --run: the model from a distnn-train run's config (elastic checkpoints sit outside the run directory)
+    (tmp_path / "job" / ".hydra").mkdir(parents=True)
+    (tmp_path / "job" / ".hydra" / "config.yaml").write_text(
+        "model:\n  _target_: lightning_distnn.testing.equivalence.tiny_classifier\n  seed: 1\n  conv_filters: 8\n"
+        "  fc_width: 16\n  image_size: 16\n")
+    assert consolidate_main(["consolidate", str(tmp_path / "run" / "step-3"), "--run", str(tmp_path / "job")]) == 0
+    assert "optimizer state included" in capsys.readouterr().out
+    whole = torch.load(tmp_path / "run" / "step-3.consolidated.ckpt", weights_only=False)
+    assert_state_dicts_close({k[len("net."):]: v for k, v in whole["state_dict"].items()}, module.net.state_dict(), atol=0)
+    assert len(whole["optimizer_states"]) == 1
     # bad input: one line that says what to pass, exit 2
-    for path, says in [(tmp_path / "nothing", "not a distributed checkpoint"), (tmp_path / "w.ckpt", "already a single-file")]:
-        assert consolidate_main(["consolidate", str(path)]) == 2
+    for argv, says in [(["nothing"], "not a distributed checkpoint"), (["w.ckpt"], "already a single-file"),
+                       (["run/step-3", "--run", "nowhere"], "--run nowhere is neither a distnn-train run directory")]:
+        assert consolidate_main(["consolidate", str(tmp_path / argv[0]), *argv[1:]]) == 2
         assert says in capsys.readouterr().err
 
 
