@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -260,13 +261,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"distnn-checkpoint: {exc}", file=sys.stderr)
         return 2
-    checkpoint = torch.load(out, weights_only=False, map_location="cpu")
-    numel = sum(t.numel() for t in checkpoint["state_dict"].values() if isinstance(t, torch.Tensor))
-    print(f"wrote {out}: {len(checkpoint['state_dict'])} tensors ({numel:,} numbers), "
-          f"epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}")
-    if module is not None and "optimizer_states" in checkpoint:
-        print(f"model built from {config}: optimizer state included ({len(checkpoint['optimizer_states'])} "
-              "optimizer(s)); Trainer(...).fit(model, ckpt_path=...) resumes from it on one process, under "
+    # what was written, from the directory's small files (not by reading the whole model back)
+    meta = torch.load(path / META_FILE, weights_only=False) if (path / META_FILE).is_file() else {}
+    sizes = [md.size for key, md in _read_metadata(path).state_dict_metadata.items()
+             if key.startswith(MODEL_KEY + ".") and hasattr(md, "size")]
+    print(f"wrote {out}: {len(sizes)} tensors ({sum(math.prod(s) for s in sizes):,} numbers), "
+          f"epoch {meta.get('epoch')}, step {meta.get('global_step')}")
+    optimizers = meta.get("_distnn_optimizers", 0)
+    if module is not None and optimizers:
+        print(f"model built from {config}: optimizer state included ({optimizers} optimizer(s)); "
+              "Trainer(...).fit(model, ckpt_path=...) resumes from it on one process, under "
               "Lightning's strategies or distnn_dp.")
     elif module is not None:
         print("weights only (the checkpoint holds no optimizer state): YourModule.load_from_checkpoint(...) reads it.")
